@@ -1,1 +1,100 @@
-x = 1
+"""Expert placement policies: load statistics in, ``phy2log`` out.
+
+``rebalance_experts`` has the signature of vLLM's
+``DefaultEplbPolicy.rebalance_experts`` plus a ``policy`` keyword. It validates
+the arguments once (``validation``), then runs the chosen policy on NumPy
+arrays, every layer in one call.
+
+Policies (``POLICIES``):
+- ``"default"``: vLLM's placement, identical output, ~10x+ faster (``default``);
+- ``"min_migration"``: starts from the old placement and moves as few experts
+  as it can (``min_migration``, imported on first use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+
+import numpy as np
+import torch
+
+from .default import rebalance_default
+from .validation import validate_rebalance_args
+
+__all__ = ["POLICIES", "PolicyFn", "rebalance_experts"]
+
+PolicyFn = Callable[[np.ndarray, int, int, int, int, "np.ndarray | None"], np.ndarray]
+"""``(load float32 [L, E], num_replicas, num_groups, num_nodes, num_ranks,
+old phy2log int64 [L, P] or None) -> phy2log int64 [L, P]``, inputs validated."""
+
+
+def _min_migration(
+    weight: np.ndarray,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_ranks: int,
+    old_phy2log: np.ndarray | None,
+) -> np.ndarray:
+    # Imported here so this package works whatever state that module is in.
+    from .min_migration import rebalance_min_migration
+
+    return rebalance_min_migration(
+        weight, num_replicas, num_groups, num_nodes, num_ranks, old_phy2log
+    )
+
+
+POLICIES: Mapping[str, PolicyFn] = MappingProxyType(
+    {"default": rebalance_default, "min_migration": _min_migration}
+)
+
+
+def rebalance_experts(
+    weight: torch.Tensor | np.ndarray,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_ranks: int,
+    old_global_expert_indices: torch.Tensor | np.ndarray | None = None,
+    *,
+    policy: str = "default",
+) -> torch.Tensor:
+    """Place ``num_replicas`` physical experts for every layer.
+
+    Args:
+        weight: ``[L, E]`` load per logical expert (any device, float or int).
+        num_replicas: physical slots per layer, a multiple of ``num_ranks``.
+        num_groups: expert groups (DeepSeek's node-limited routing groups).
+        num_nodes: nodes; when it divides ``num_groups`` groups are packed
+            onto nodes first (hierarchical), else placement is global.
+        num_ranks: EP ranks, a multiple of ``num_nodes``.
+        old_global_expert_indices: current ``phy2log [L, num_replicas]``.
+        policy: a key of ``POLICIES``.
+
+    Returns:
+        ``phy2log [L, num_replicas]``, int64, on CPU.
+
+    Raises:
+        ValueError: naming the bad argument or value.
+    """
+    chosen = POLICIES.get(policy) if isinstance(policy, str) else None
+    if chosen is None:
+        raise ValueError(
+            f"unknown policy {policy!r}; valid policies: {sorted(POLICIES)}"
+        )
+    load, old = validate_rebalance_args(
+        weight,
+        num_replicas,
+        num_groups,
+        num_nodes,
+        num_ranks,
+        old_global_expert_indices,
+    )
+    phy2log = chosen(load, num_replicas, num_groups, num_nodes, num_ranks, old)
+    expected = (load.shape[0], num_replicas)
+    if phy2log.shape != expected:
+        raise RuntimeError(
+            f"policy {policy!r} returned shape {phy2log.shape}, expected {expected}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(phy2log, dtype=np.int64))
