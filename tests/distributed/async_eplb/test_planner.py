@@ -21,9 +21,7 @@ def random_placement(
     return row
 
 
-def apply_plan(
-    plan: LayerPlan, old: list[int], num_ranks: int
-) -> list[list[object]]:
+def apply_plan(plan: LayerPlan, old: list[int], num_ranks: int) -> list[list[object]]:
     """Simulate staging + commit on per-rank 'weights' (the expert ids)."""
     spr = plan.slots_per_rank
     weights = [list(old[r * spr : (r + 1) * spr]) for r in range(num_ranks)]
@@ -52,8 +50,9 @@ def test_plan_applies_exactly_and_respects_locality(seed: int) -> None:
     num_ranks = rng.choice([1, 2, 4, 6, 8])
     ranks_per_node = rng.choice([d for d in (1, 2, 4) if num_ranks % d == 0])
     slots_per_rank = rng.randint(1, 6)
-    num_experts = rng.randint(max(1, num_ranks * slots_per_rank // 2),
-                              num_ranks * slots_per_rank)
+    num_experts = rng.randint(
+        max(1, num_ranks * slots_per_rank // 2), num_ranks * slots_per_rank
+    )
     old = random_placement(rng, num_experts, num_ranks, slots_per_rank)
     new = random_placement(rng, num_experts, num_ranks, slots_per_rank)
     plan = plan_layer(torch.tensor(old), torch.tensor(new), num_ranks, ranks_per_node)
@@ -69,14 +68,17 @@ def test_plan_applies_exactly_and_respects_locality(seed: int) -> None:
         for t in rp.receives:
             assert t.expert not in local_old, "received what the rank already holds"
             holders = {p // slots_per_rank for p, e in enumerate(old) if e == t.expert}
-            same_node = {h for h in holders if h // ranks_per_node
-                         == rp.rank // ranks_per_node}
+            same_node = {
+                h for h in holders if h // ranks_per_node == rp.rank // ranks_per_node
+            }
             if same_node:
                 assert t.src_rank in same_node, "crossed nodes needlessly"
         assert [(t.src_rank, t.expert) for t in rp.receives] == sorted(
-            (t.src_rank, t.expert) for t in rp.receives)
+            (t.src_rank, t.expert) for t in rp.receives
+        )
         assert [(t.dst_rank, t.expert) for t in rp.sends] == sorted(
-            (t.dst_rank, t.expert) for t in rp.sends)
+            (t.dst_rank, t.expert) for t in rp.sends
+        )
     all_receives = sorted(plan.transfers(), key=repr)
     all_sends = sorted((t for rp in plan.ranks for t in rp.sends), key=repr)
     assert all_receives == all_sends
@@ -137,5 +139,9 @@ def test_bad_input_names_the_value(old, new, num_ranks, ranks_per_node, match):
 
 def test_plan_layers_shape_mismatch() -> None:
     with pytest.raises(ValueError, match=r"\(2, 4\) and \(1, 4\)"):
-        plan_layers(torch.zeros(2, 4, dtype=torch.long),
-                    torch.zeros(1, 4, dtype=torch.long), 2, 1)
+        plan_layers(
+            torch.zeros(2, 4, dtype=torch.long),
+            torch.zeros(1, 4, dtype=torch.long),
+            2,
+            1,
+        )

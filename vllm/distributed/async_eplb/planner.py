@@ -155,9 +155,7 @@ def plan_layer(
         for expert in sorted(wanted):
             src_slot = holders[expert].get(rank)
             if src_slot is not None:
-                copies[rank].append(
-                    LocalCopy(expert, src_slot, tuple(wanted[expert]))
-                )
+                copies[rank].append(LocalCopy(expert, src_slot, tuple(wanted[expert])))
             else:
                 needed[rank][expert] = wanted[expert]
 

@@ -1,0 +1,245 @@
+"""StagingWorker in one process: several simulated ranks, one thread each.
+
+The test transport reads peers' workspace weights directly (one-sided, as
+``ipc`` does), so job flow, commits, cancel, errors and stop are exercised
+without a process group; the torchrun tests cover the real transports.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from vllm.distributed.async_eplb.device import DeviceBackend
+from vllm.distributed.async_eplb.maps import ExpertMaps
+from vllm.distributed.async_eplb.planner import LayerPlan, plan_layers
+from vllm.distributed.async_eplb.staging import StagingBuffer
+from vllm.distributed.async_eplb.transports import (
+    TransferError,
+    Transport,
+    copy_duplicates,
+    copy_local,
+)
+from vllm.distributed.async_eplb.worker import StagingError, StagingWorker
+
+CPU = DeviceBackend.for_device("cpu")
+NUM_LAYERS, NUM_RANKS, SLOTS, NUM_EXPERTS = 4, 3, 4, 9
+
+
+def expert_rows(layer: int, expert: int) -> list[torch.Tensor]:
+    """Deterministic weights of one logical expert (fp32, bf16, uint8)."""
+    base = float(layer * 1000 + expert)
+    return [
+        torch.full((2, 3), base) + torch.arange(6.0).view(2, 3) / 8,
+        (torch.arange(5.0) + base).to(torch.bfloat16),
+        torch.full((4,), (layer * 31 + expert) % 251, dtype=torch.uint8),
+    ]
+
+
+def rank_weights(row: Sequence[Sequence[int]], rank: int) -> list[list[torch.Tensor]]:
+    out = []
+    for layer, phy in enumerate(row):
+        slots = phy[rank * SLOTS : (rank + 1) * SLOTS]
+        per_slot = [expert_rows(layer, e) for e in slots]
+        out.append([torch.stack([s[t] for s in per_slot]) for t in range(3)])
+    return out
+
+
+def placement(rng: random.Random) -> list[int]:
+    row = list(range(NUM_EXPERTS))
+    row += [rng.randrange(NUM_EXPERTS) for _ in range(NUM_RANKS * SLOTS - NUM_EXPERTS)]
+    rng.shuffle(row)
+    return row
+
+
+class SharedMemoryTransport(Transport):
+    """Pulls receives straight from the peers' workspace (test stand-in)."""
+
+    name = "test-shared"
+
+    def __init__(self, world, fail_layer, block: threading.Event) -> None:
+        self.world = world
+        self.fail_layer = fail_layer
+        self.block = block
+
+    def stage_layer(self, plan, rank, weights, buffers, *, packed=None) -> int:
+        layer = next(
+            i
+            for i, w in enumerate(self.world[rank])
+            if w[0].data_ptr() == weights[0].data_ptr()
+        )
+        if layer == self.fail_layer:
+            raise TransferError("simulated peer failure", peers=[2])
+        while self.block.is_set():
+            if self.should_abort():
+                raise TransferError("aborted", peers=[1])
+            time.sleep(0.001)
+        rank_plan = plan.ranks[rank]
+        copy_local(rank_plan, weights, buffers)
+        for t in rank_plan.receives:
+            for dst, src in zip(buffers, self.world[t.src_rank][layer], strict=True):
+                dst[t.dst_slots[0]].copy_(src[t.src_slot])
+        copy_duplicates(rank_plan, buffers, None)
+        return len(rank_plan.receives)
+
+
+class World:
+    def __init__(self, seed: int, ring_size: int = 1, fail_layer=None) -> None:
+        rng = random.Random(seed)
+        self.old = [placement(rng) for _ in range(NUM_LAYERS)]
+        self.new = [placement(rng) for _ in range(NUM_LAYERS)]
+        self.weights = [rank_weights(self.old, r) for r in range(NUM_RANKS)]
+        self.block = threading.Event()
+        self.maps = [
+            ExpertMaps(torch.tensor(self.old), NUM_EXPERTS, NUM_RANKS * SLOTS)
+            for _ in range(NUM_RANKS)
+        ]
+        self.workers = [
+            StagingWorker(
+                self.weights[r],
+                StagingBuffer(self.weights[r][0], CPU, ring_size=ring_size),
+                SharedMemoryTransport(self.weights, fail_layer, self.block),
+                CPU,
+                rank=r,
+            )
+            for r in range(NUM_RANKS)
+        ]
+        for w in self.workers:
+            w.start()
+        self.plans = plan_layers(
+            torch.tensor(self.old), torch.tensor(self.new), NUM_RANKS, 2
+        )
+
+    def submit(self, layers: Sequence[int], job_id: int = 1) -> None:
+        for w in self.workers:
+            w.submit(job_id, {layer: self.plans[layer] for layer in layers})
+
+    def wait_staged(self, layer: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(layer in w.staged_layers() for w in self.workers):
+            assert time.monotonic() < deadline, f"layer {layer} never staged"
+            for w in self.workers:
+                assert w.error is None, w.error
+            time.sleep(0.002)
+
+    def commit(self, layer: int) -> None:
+        for r, w in enumerate(self.workers):
+            w.commit_layer(layer, self.maps[r], torch.tensor(self.new[layer]))
+
+    def assert_layer(self, layer: int, row: Sequence[int]) -> None:
+        for r in range(NUM_RANKS):
+            for s in range(SLOTS):
+                want = expert_rows(layer, row[r * SLOTS + s])
+                for t in range(3):
+                    got = self.weights[r][layer][t][s]
+                    assert torch.equal(got.view(torch.uint8), want[t].view(torch.uint8))
+            assert self.maps[r].phy2log[layer].tolist() == list(row)
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+            assert not w.is_alive()
+
+
+@pytest.mark.parametrize("ring_size", [1, 2])
+def test_whole_job_is_bit_exact(ring_size: int) -> None:
+    world = World(seed=ring_size, ring_size=ring_size)
+    try:
+        world.submit(range(NUM_LAYERS))
+        assert all(w.busy for w in world.workers)
+        for layer in range(NUM_LAYERS):
+            world.wait_staged(layer)
+            world.commit(layer)
+        for layer in range(NUM_LAYERS):
+            world.assert_layer(layer, world.new[layer])
+        assert not any(w.busy for w in world.workers)
+        stats = world.workers[0].stats
+        assert stats.job_id == 1 and sorted(stats.layer_seconds) == list(range(4))
+    finally:
+        world.stop()
+
+
+def test_cancel_keeps_committed_and_leaves_the_rest_untouched() -> None:
+    world = World(seed=5)
+    try:
+        world.submit(range(NUM_LAYERS))
+        world.wait_staged(0)
+        world.commit(0)
+        world.wait_staged(1)  # staged, never committed
+        for w in world.workers:
+            w.cancel()
+            assert not w.busy and w.staged_layers() == []
+        world.assert_layer(0, world.new[0])
+        for layer in range(1, NUM_LAYERS):
+            world.assert_layer(layer, world.old[layer])
+        # A new job for the remaining layers runs to completion.
+        world.submit([2, 3], job_id=2)
+        for layer in (2, 3):
+            world.wait_staged(layer)
+            world.commit(layer)
+        world.assert_layer(1, world.old[1])
+        world.assert_layer(3, world.new[3])
+    finally:
+        world.stop()
+
+
+def test_error_carries_layer_and_peer_and_is_handed_over() -> None:
+    world = World(seed=9, fail_layer=1)
+    try:
+        world.submit(range(NUM_LAYERS))
+        world.wait_staged(0)
+        world.commit(0)
+        deadline = time.monotonic() + 10
+        while world.workers[0].error is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        error = world.workers[0].error
+        assert isinstance(error, StagingError)
+        assert error.layer == 1 and error.peers == (2,)
+        assert "layer 1" in str(error) and "[2]" in str(error)
+        assert isinstance(error.__cause__, TransferError)
+        assert not world.workers[0].busy and world.workers[0].is_alive()
+        world.assert_layer(1, world.old[1])
+    finally:
+        world.stop()
+
+
+def test_stop_is_prompt_while_waiting_on_peers() -> None:
+    world = World(seed=3)
+    world.block.set()
+    world.submit([0])
+    time.sleep(0.05)
+    start = time.monotonic()
+    world.stop()  # asserts the threads are gone
+    assert time.monotonic() - start < 5.0
+
+
+def test_bad_calls_raise_and_change_nothing() -> None:
+    world = World(seed=4)
+    try:
+        w = world.workers[0]
+        with pytest.raises(RuntimeError, match="layer 0 is not staged"):
+            w.commit_layer(0, world.maps[0], torch.tensor(world.new[0]))
+        with pytest.raises(ValueError, match="layer 7 is out of range"):
+            w.submit(1, {7: world.plans[0]})
+        other = LayerPlan(1, SLOTS * NUM_RANKS, world.plans[0].ranks[:1])
+        with pytest.raises(ValueError, match="rank 0 with 4 slots"):
+            w.submit(1, {0: other})
+        world.submit([0])
+        with pytest.raises(RuntimeError, match="job 1 is still in flight"):
+            w.submit(2, {1: world.plans[1]})
+        world.wait_staged(0)
+        bad_row = torch.full((NUM_RANKS * SLOTS,), NUM_EXPERTS)
+        with pytest.raises(ValueError, match="is not a logical expert id"):
+            w.commit_layer(0, world.maps[0], bad_row)
+        world.assert_layer(0, world.old[0])
+        assert w.staged_layers() == [0]
+        world.commit(0)
+        world.assert_layer(0, world.new[0])
+    finally:
+        world.stop()

@@ -1,0 +1,149 @@
+"""Transports: execute one layer's transfer plan into the staging buffer.
+
+- ``p2p``: one ``batch_isend_irecv`` per layer on the EPLB staging group
+  (NCCL / HCCL / gloo), one message per peer;
+- ``gloo-staged``: the same through pinned host memory and gloo (the CPU
+  default and the fallback);
+- ``ipc``: intra-node one-sided pulls from peers' weights through CUDA IPC
+  (copy engines, no communication kernels); cross-node through the others.
+
+Every transport also performs the plan's local copies and duplicates, so after
+:meth:`Transport.stage_layer` every changed slot of the rank is staged.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from vllm.distributed.async_eplb.device import DeviceBackend
+from vllm.distributed.async_eplb.planner import LayerPlan, RankPlan
+from vllm.distributed.async_eplb.staging import copy_slot_runs, slot_runs
+
+__all__ = [
+    "TRANSPORT_NAMES",
+    "TransferError",
+    "Transport",
+    "copy_duplicates",
+    "copy_local",
+    "make_transport",
+]
+
+TRANSPORT_NAMES = ("auto", "gloo-staged", "p2p", "ipc")
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class TransferError(RuntimeError):
+    """A transfer failed or timed out; names the peers involved."""
+
+    def __init__(self, message: str, peers: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.peers = tuple(peers)
+
+
+def _never() -> bool:
+    return False
+
+
+class Transport(ABC):
+    name: ClassVar[str]
+    should_abort: Callable[[], bool] = staticmethod(_never)
+
+    def set_abort_check(self, check: Callable[[], bool]) -> None:
+        """A transport waiting on peers gives up once ``check()`` is true."""
+        self.should_abort = check
+
+    def prepare_job(self) -> None:
+        """Called by the worker before a job's first layer (all ranks)."""
+        return  # nothing to agree on for two-sided transports
+
+    @abstractmethod
+    def stage_layer(
+        self,
+        plan: LayerPlan,
+        rank: int,
+        weights: Sequence[torch.Tensor],
+        buffers: Sequence[torch.Tensor],
+        *,
+        packed: torch.Tensor | None = None,
+    ) -> int:
+        """Stage every changed slot of ``rank`` into ``buffers``; bytes received.
+
+        ``weights`` are the layer's workspace tensors (old placement, read
+        only); ``buffers`` the staging views with the same shapes and dtypes.
+        ``packed`` (optional) is the same staging slot as ``[S, row_bytes]``
+        uint8 rows, which lets a peer's experts land in one message.
+        """
+
+
+def copy_local(
+    rank_plan: RankPlan,
+    weights: Sequence[torch.Tensor],
+    buffers: Sequence[torch.Tensor],
+) -> None:
+    """Stage the experts the rank already holds (all their target slots)."""
+    dst = [s for c in rank_plan.local_copies for s in c.dst_slots]
+    src = [c.src_slot for c in rank_plan.local_copies for _ in c.dst_slots]
+    copy_slot_runs(buffers, weights, slot_runs(dst, src))
+
+
+def copy_duplicates(
+    rank_plan: RankPlan, buffers: Sequence[torch.Tensor], peers: set[int] | None
+) -> None:
+    """Fan a received expert out from its first slot to its other slots."""
+    dst, src = [], []
+    for t in rank_plan.receives:
+        if peers is None or t.src_rank in peers:
+            dst += t.dst_slots[1:]
+            src += [t.dst_slots[0]] * (len(t.dst_slots) - 1)
+    copy_slot_runs(buffers, buffers, slot_runs(dst, src))
+
+
+def row_nbytes(weights: Sequence[torch.Tensor]) -> int:
+    """Bytes of one expert over all of a layer's tensors."""
+    return sum(w[0].numel() * w.element_size() for w in weights)
+
+
+def make_transport(
+    name: str,
+    *,
+    backend: DeviceBackend,
+    group: Any,
+    expert_weights: Sequence[Sequence[torch.Tensor]] | None = None,
+    ranks_per_node: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> Transport:
+    """Build a transport by name; ``auto`` picks the fastest safe one.
+
+    ``auto``: ``ipc`` on CUDA (copy engines only; cross-node through the
+    group's own backend), ``p2p`` on NPU (HCCL), ``gloo-staged`` on CPU.
+    ``ipc`` needs ``expert_weights`` (all layers) and ``ranks_per_node``.
+    """
+    if name not in TRANSPORT_NAMES:
+        raise ValueError(
+            f"unknown transport {name!r}; expected one of {', '.join(TRANSPORT_NAMES)}"
+        )
+    if timeout <= 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    if name == "auto":
+        name = {"cuda": "ipc", "npu": "p2p"}.get(backend.device.type, "gloo-staged")
+        if name == "ipc" and (expert_weights is None or ranks_per_node is None):
+            name = "p2p"
+    if name == "gloo-staged":
+        from vllm.distributed.async_eplb.transports.gloo_staged import (
+            GlooStagedTransport,
+        )
+
+        return GlooStagedTransport(backend, group, timeout=timeout)
+    if name == "p2p":
+        from vllm.distributed.async_eplb.transports.p2p import P2PTransport
+
+        return P2PTransport(backend, group, timeout=timeout)
+    from vllm.distributed.async_eplb.transports.ipc import IpcTransport
+
+    if expert_weights is None or ranks_per_node is None:
+        raise ValueError("transport 'ipc' needs expert_weights and ranks_per_node")
+    return IpcTransport(backend, group, expert_weights, ranks_per_node, timeout=timeout)

@@ -1,0 +1,329 @@
+"""Background staging worker: one daemon thread per process, its own stream.
+
+The worker stages a rebalance job layer after layer into the staging buffer
+while the engine keeps serving; the main thread commits staged layers between
+steps (:meth:`StagingWorker.commit_layer`).
+
+Which layers the worker may stage is decided by the main thread only, so it is
+the same on every rank: a job's first ``ring_size`` layers at ``submit``, one
+more at each commit. ``cancel`` drops the layers not yet allowed; a layer
+already allowed is still staged (peers are staging it too, and their messages
+must be matched) and then thrown away. Workspace weights change only in
+``commit_layer``, so a cancelled layer leaves them untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm.distributed.async_eplb.device import DeviceBackend
+from vllm.distributed.async_eplb.maps import ExpertMaps
+from vllm.distributed.async_eplb.planner import LayerPlan
+from vllm.distributed.async_eplb.staging import (
+    RowLayout,
+    StagingBuffer,
+    copy_slot_runs,
+    slot_runs,
+)
+from vllm.distributed.async_eplb.transports import TransferError, Transport
+
+__all__ = ["StagingError", "StagingStats", "StagingWorker"]
+
+logger = logging.getLogger(__name__)
+
+
+class StagingError(RuntimeError):
+    """Staging a layer failed; names the layer and, when known, the peers."""
+
+    def __init__(self, layer: int, peers: Sequence[int], cause: BaseException):
+        where = f" with ranks {list(peers)}" if peers else ""
+        super().__init__(f"staging layer {layer} failed{where}: {cause}")
+        self.layer = layer
+        self.peers = tuple(peers)
+
+
+@dataclass
+class StagingStats:
+    """Per-layer staging time (seconds, until the device finished) and bytes."""
+
+    job_id: int = -1
+    layer_seconds: dict[int, float] = field(default_factory=dict)
+    layer_bytes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(self.layer_bytes.values())
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.layer_seconds.values())
+
+
+@dataclass
+class _Job:
+    job_id: int
+    layers: list[int]
+    plans: dict[int, LayerPlan]
+    ready_event: object
+    allowed: int  # layers[:allowed] may be staged
+    next_index: int = 0
+    cancelled: bool = False
+    # layer -> (ring slot, staged event); staged and not yet committed
+    staged: dict[int, tuple[int, object]] = field(default_factory=dict)
+    committed: int = 0
+
+    @property
+    def stage_limit(self) -> int:
+        return min(self.allowed, len(self.layers))
+
+
+class StagingWorker:
+    def __init__(
+        self,
+        expert_weights: Sequence[Sequence[torch.Tensor]],
+        buffer: StagingBuffer,
+        transport: Transport,
+        backend: DeviceBackend,
+        *,
+        rank: int,
+    ) -> None:
+        if not expert_weights:
+            raise ValueError("expert_weights has no layers")
+        for layer, weights in enumerate(expert_weights):
+            if RowLayout.of(weights) != buffer.layout:
+                raise ValueError(
+                    f"layer {layer}'s expert weights do not match the staging "
+                    "buffer's shapes and dtypes"
+                )
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        self.expert_weights = [list(w) for w in expert_weights]
+        self.buffer = buffer
+        self.transport = transport
+        self.backend = backend
+        self.rank = rank
+        self.stats = StagingStats()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._queue: deque[_Job] = deque()  # jobs the thread still has to stage
+        self._active: _Job | None = None  # the job commits refer to
+        # free ring slots with the event after which they may be overwritten
+        self._free_slots: deque[tuple[int, object]] = deque(
+            (i, None) for i in range(buffer.ring_size)
+        )
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        transport.set_abort_check(self._stop.is_set)
+
+    # ---- lifecycle -------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the staging worker was already started")
+        self._thread = threading.Thread(
+            target=self._run, name=f"async-eplb-staging-{self.rank}", daemon=True
+        )
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the thread promptly (a wait on peers is abandoned) and join it."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("staging worker did not stop within %.1fs", timeout)
+
+    @property
+    def error(self) -> BaseException | None:
+        """The last exception of the worker thread (cleared by ``submit``)."""
+        return self._error
+
+    @property
+    def busy(self) -> bool:
+        """A job is in flight: submitted, not cancelled, not fully committed."""
+        with self._cond:
+            return self._active is not None
+
+    # ---- main thread -----------------------------------------------------
+
+    def submit(self, job_id: int, plans: Mapping[int, LayerPlan]) -> None:
+        """Stage ``plans`` (layer -> plan) in ascending layer order."""
+        num_layers = len(self.expert_weights)
+        slots = self.buffer.num_slots_per_rank
+        for layer, plan in plans.items():
+            if not 0 <= layer < num_layers:
+                raise ValueError(f"layer {layer} is out of range [0, {num_layers})")
+            if plan.slots_per_rank != slots or not 0 <= self.rank < plan.num_ranks:
+                raise ValueError(
+                    f"plan of layer {layer} is for {plan.num_ranks} ranks x "
+                    f"{plan.slots_per_rank} slots; this is rank {self.rank} "
+                    f"with {slots} slots"
+                )
+        with self._cond:
+            if self._active is not None:
+                raise RuntimeError(
+                    f"job {self._active.job_id} is still in flight; cancel it or "
+                    "commit all its layers before submitting another"
+                )
+            if self._stop.is_set() or not self.is_alive():
+                raise RuntimeError("the staging worker is not running")
+            # Weights written on the caller's stream so far (loading, earlier
+            # commits) must be final before the worker reads them.
+            ready = self.backend.new_event()
+            self.backend.record_event(ready)
+            layers = sorted(plans)
+            job = _Job(
+                job_id, layers, dict(plans), ready, allowed=self.buffer.ring_size
+            )
+            self._error = None
+            self.stats = StagingStats(job_id=job_id)
+            if layers:
+                self._active = job
+                self._queue.append(job)
+            self._cond.notify_all()
+
+    def staged_layers(self) -> list[int]:
+        """Layers staged (device copies finished) and not yet committed."""
+        with self._cond:
+            job = self._active
+            if job is None:
+                return []
+            return sorted(
+                layer
+                for layer, (_, event) in job.staged.items()
+                if self.backend.event_done(event)
+            )
+
+    def commit_layer(self, layer: int, maps: ExpertMaps, new_row: torch.Tensor) -> None:
+        """Copy ``layer``'s staged rows into the workspace, commit its maps.
+
+        Runs on the caller's (forward) stream. Only changed slots are copied,
+        each run of consecutive slots as one slice copy.
+        """
+        with self._cond:
+            job = self._active
+            if job is None or layer not in job.staged:
+                raise RuntimeError(f"layer {layer} is not staged in the current job")
+            ring_slot, staged_event = job.staged[layer]
+        maps.commit_layer(layer, new_row)  # validates first: raises, changes nothing
+        self.backend.wait_event(staged_event)
+        changed = job.plans[layer].ranks[self.rank].changed_slots
+        copy_slot_runs(
+            self.expert_weights[layer],
+            self.buffer.slot(ring_slot),
+            slot_runs(changed, changed),
+        )
+        released = self.backend.new_event()
+        self.backend.record_event(released)
+        with self._cond:
+            del job.staged[layer]
+            job.committed += 1
+            job.allowed += 1
+            self._free_slots.append((ring_slot, released))
+            if job.committed == len(job.layers):
+                self._active = None
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        """Drop the uncommitted rest of the job; committed layers stay."""
+        with self._cond:
+            job = self._active
+            if job is None:
+                return
+            self._drop(job)
+            self._cond.notify_all()
+
+    def _drop(self, job: _Job) -> None:
+        """Forget ``job``'s staged layers (caller holds the lock)."""
+        job.cancelled = True
+        for ring_slot, staged_event in job.staged.values():
+            self._free_slots.append((ring_slot, staged_event))
+        job.staged.clear()
+        if self._active is job:
+            self._active = None
+
+    # ---- worker thread ---------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.backend.set_device()
+            stream = self.backend.new_stream()
+            with self.backend.stream(stream):
+                while True:
+                    task = self._next_task()
+                    if task is None:
+                        return
+                    self._stage(*task)
+        except BaseException as exc:  # never lost: handed to the main thread
+            logger.exception("staging worker thread died")
+            self._error = exc
+
+    def _next_task(self) -> tuple[_Job, int, int, object] | None:
+        """Wait for a layer the worker may stage; ``None`` means stop."""
+        with self._cond:
+            while not self._stop.is_set():
+                if self._queue:
+                    job = self._queue[0]
+                    if job.next_index < job.stage_limit:
+                        ring_slot, free_event = self._free_slots.popleft()
+                        layer = job.layers[job.next_index]
+                        job.next_index += 1
+                        return job, layer, ring_slot, free_event
+                    if job.cancelled or job.next_index == len(job.layers):
+                        self._queue.popleft()
+                        continue
+                self._cond.wait()
+            return None
+
+    def _stage(self, job: _Job, layer: int, ring_slot: int, free_event: object) -> None:
+        start = time.perf_counter()
+        backend = self.backend
+        try:
+            if job.next_index == 1:
+                backend.synchronize_event(job.ready_event)
+                self.transport.prepare_job()
+            backend.wait_event(free_event)
+            received = self.transport.stage_layer(
+                job.plans[layer],
+                self.rank,
+                self.expert_weights[layer],
+                self.buffer.slot(ring_slot),
+                packed=self.buffer.packed(ring_slot),
+            )
+            staged = backend.new_event()
+            backend.record_event(staged)
+            backend.synchronize_event(staged)
+        except Exception as exc:
+            peers = exc.peers if isinstance(exc, TransferError) else ()
+            error = StagingError(layer, peers, exc)
+            error.__cause__ = exc
+            logger.error("%s", error)
+            with self._cond:
+                self._error = error
+                self._free_slots.append((ring_slot, None))
+                self._drop(job)
+                if self._queue and self._queue[0] is job:
+                    self._queue.popleft()  # its peers may be gone: no draining
+                self._cond.notify_all()
+            return
+        with self._cond:
+            if self.stats.job_id == job.job_id:
+                self.stats.layer_seconds[layer] = time.perf_counter() - start
+                self.stats.layer_bytes[layer] = received
+            if job.cancelled:
+                self._free_slots.append((ring_slot, staged))
+            else:
+                job.staged[layer] = (ring_slot, staged)
+            self._cond.notify_all()
