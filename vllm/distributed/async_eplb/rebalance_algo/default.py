@@ -20,7 +20,8 @@ Both give identical results.
 
 Public helpers (stable names; other policies build on them):
 ``balanced_packing``, ``replicate_experts``, ``preserve_rank_slots``,
-``rebalance_hierarchical`` and the policy itself, ``rebalance_default``.
+``rebalance_hierarchical`` and the policy itself, ``rebalance_default``;
+``warm_up_kernels`` compiles ahead of the first rebalance.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "rebalance_default",
     "rebalance_hierarchical",
     "replicate_experts",
+    "warm_up_kernels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -220,6 +222,18 @@ def _numba_kernels() -> _Kernels | None:
 def numba_available() -> bool:
     """Whether the compiled kernels can be used."""
     return _numba_kernels() is not None
+
+
+def warm_up_kernels() -> bool:
+    """Compile (or load from numba's on-disk cache) every kernel now, on a
+    tiny input, so the first real rebalance does not pay for it. Returns
+    whether numba is in use. Without a call, kernels compile on first use."""
+    if not numba_available():
+        return False
+    load = np.arange(8, dtype=np.float32).reshape(1, 8)
+    first = rebalance_default(load, 12, 4, 2, 4)
+    rebalance_default(load, 12, 4, 2, 4, first[:, ::-1].copy())
+    return True
 
 
 def _kernels_for(use_numba: bool | None) -> _Kernels | None:
@@ -404,7 +418,8 @@ def rebalance_hierarchical(
         )
     else:
         # Summed exactly as vLLM sums (same expression, same array layout).
-        group_load = weight.reshape(num_layers, num_groups, group_size).sum(axis=-1)
+        with np.errstate(over="ignore"):  # reported just below
+            group_load = weight.reshape(num_layers, num_groups, group_size).sum(axis=-1)
         if not np.isfinite(group_load).all():
             raise ValueError(
                 "load of an expert group overflows float32; scale the load down"

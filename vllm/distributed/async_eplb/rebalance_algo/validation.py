@@ -83,7 +83,7 @@ def _load_as_float32(weight: Any) -> np.ndarray:
             )
         # Same conversion as vLLM (float32 first, then host), so rounding and
         # memory layout, and hence every later float result, are the same.
-        array = weight.float().cpu().numpy()
+        array = weight.detach().float().cpu().numpy()
     elif isinstance(weight, np.ndarray):
         if weight.dtype.kind not in "iuf":
             raise ValueError(f"weight must hold real load counts, got {weight.dtype}")
@@ -122,7 +122,7 @@ def _old_placement(
             raise ValueError(
                 f"old_global_expert_indices must hold integer ids, got {old.dtype}"
             )
-        array = old.cpu().numpy()
+        array = old.detach().cpu().numpy()
     elif isinstance(old, np.ndarray):
         if old.dtype.kind not in "iu":
             raise ValueError(
