@@ -280,21 +280,29 @@ def balanced_packing(
 def _pack_rows_numpy(
     order: np.ndarray, weight: np.ndarray, num_packs: int, items_per_pack: int
 ) -> tuple[np.ndarray, np.ndarray]:
+    """One step per item rank, all rows at once; packs addressed by flat index
+    (row * num_packs + pack) so each step is a few 1-D gathers and scatters."""
     num_rows, num_items = weight.shape
-    rows = np.arange(num_rows)
-    pack_index = np.empty((num_rows, num_items), dtype=np.int64)
-    rank_in_pack = np.empty((num_rows, num_items), dtype=np.int64)
-    load = np.zeros((num_rows, num_packs), dtype=np.float64)
-    filled = np.zeros((num_rows, num_packs), dtype=np.int64)
+    first_pack = np.arange(num_rows) * num_packs
+    load = np.zeros(num_rows * num_packs, dtype=np.float64)
+    filled = np.zeros(num_rows * num_packs, dtype=np.int64)
+    load_by_row = load.reshape(num_rows, num_packs)
+    sorted_weight = np.take_along_axis(weight, order, axis=1)
+    chosen = np.empty((num_rows, num_items), dtype=np.int64)
+    rank = np.empty((num_rows, num_items), dtype=np.int64)
     for t in range(num_items):
-        item = order[:, t]
-        pack = np.argmin(load, axis=1)  # full packs hold inf
-        pack_index[rows, item] = pack
-        rank_in_pack[rows, item] = filled[rows, pack]
-        load[rows, pack] += weight[rows, item]
-        filled[rows, pack] += 1
-        full = filled[rows, pack] == items_per_pack
-        load[rows[full], pack[full]] = np.inf
+        pack = first_pack + np.argmin(load_by_row, axis=1)  # full packs hold inf
+        chosen[:, t] = pack
+        rank[:, t] = filled[pack]
+        filled[pack] += 1
+        load[pack] = np.where(
+            filled[pack] == items_per_pack, np.inf, load[pack] + sorted_weight[:, t]
+        )
+    rows = np.arange(num_rows)[:, None]
+    pack_index = np.empty_like(chosen)
+    rank_in_pack = np.empty_like(rank)
+    pack_index[rows, order] = chosen - first_pack[:, None]
+    rank_in_pack[rows, order] = rank
     return pack_index, rank_in_pack
 
 
@@ -316,18 +324,20 @@ def replicate_experts(
     if kernels is not None:
         # float64 first (exact), so the kernel divides in float64 as NumPy does.
         return kernels.replicate_rows(weight.astype(np.float64), num_physical)
-    rows = np.arange(num_rows)
     phy2log = np.empty((num_rows, num_physical), dtype=np.int64)
     phy2log[:, :num_logical] = np.arange(num_logical)
     count = np.ones((num_rows, num_logical), dtype=np.int64)
     # float32 / int64 is computed in float64, as vLLM computes it; only the
-    # chosen expert's share changes per slot.
+    # chosen expert's share changes per slot. Flat views: 1-D gathers/scatters.
     share = weight / count
+    flat_weight, flat_count, flat_share = weight.ravel(), count.ravel(), share.ravel()
+    first_expert = np.arange(num_rows) * num_logical
     for slot in range(num_logical, num_physical):
         top = np.argmax(share, axis=1)
         phy2log[:, slot] = top
-        count[rows, top] += 1
-        share[rows, top] = weight[rows, top] / count[rows, top]
+        chosen = first_expert + top
+        flat_count[chosen] += 1
+        flat_share[chosen] = flat_weight[chosen] / flat_count[chosen]
     return phy2log, count
 
 
