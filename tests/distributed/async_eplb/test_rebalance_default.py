@@ -287,3 +287,9 @@ def test_replicate_experts_gives_extra_slots_to_the_hottest(use_numba):
     assert count[0].tolist() == [1, 4, 1, 1]
     assert phy2log[1].tolist() == [0, 1, 2, 3, 0, 0, 0]  # all ties: lowest index
     assert np.array_equal(count.sum(axis=1), [7, 7])
+
+
+def test_warm_up_kernels_reports_whether_numba_runs(monkeypatch):
+    assert default.warm_up_kernels() == default.numba_available()
+    monkeypatch.setattr(default, "_numba_kernels", lambda: None)
+    assert default.warm_up_kernels() is False
