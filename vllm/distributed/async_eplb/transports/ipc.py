@@ -92,7 +92,13 @@ class IpcTransport(Transport):
         before this; the barrier makes that true on the whole group.
         """
         work = dist.barrier(group=self.group, async_op=True)
-        wait_works([work], [sorted(self.node_peers)], self.timeout, self.should_abort)
+        wait_works(
+            [work],
+            [sorted(self.node_peers)],
+            self.timeout,
+            self.should_abort,
+            pollable=self.cross_node.pollable,
+        )
 
     def stage_layer(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -58,15 +59,20 @@ def wait_works(
     peers: Sequence[Sequence[int]],
     timeout: float,
     should_abort: Callable[[], bool],
+    *,
+    pollable: bool = True,
 ) -> None:
     """Wait for every work, never longer than ``timeout``; errors name peers.
 
-    Polls instead of blocking so that a stop request ends the wait promptly.
+    ``pollable`` works (NCCL, HCCL) are polled, so that a stop request ends
+    the wait promptly. gloo's point-to-point works only progress inside
+    ``wait`` and a timed-out wait closes the connection, so they get one
+    bounded ``wait(timeout)`` each.
     """
     deadline = time.monotonic() + timeout
     delay = 1e-4
-    pending = list(range(len(works)))
-    while True:
+    pending = list(range(len(works))) if pollable else []
+    while pending:
         pending = [i for i in pending if not works[i].is_completed()]
         if not pending:
             break
@@ -83,8 +89,9 @@ def wait_works(
         time.sleep(delay)
         delay = min(delay * 2, 2e-3)
     for work, work_peers in zip(works, peers, strict=True):
+        remaining = max(deadline - time.monotonic(), 1e-3)
         try:
-            work.wait()
+            work.wait(timeout=timedelta(seconds=remaining))
         except Exception as exc:
             raise TransferError(
                 f"transfer with ranks {list(work_peers)} failed: {exc}", work_peers
@@ -98,6 +105,7 @@ class P2PTransport(Transport):
         self.backend = backend
         self.group = group
         self.timeout = timeout
+        self.pollable = "gloo" not in str(dist.get_backend(group))
         self._scratch = torch.empty(0, dtype=torch.uint8, device=backend.device)
 
     def stage_layer(
@@ -180,7 +188,9 @@ class P2PTransport(Transport):
         else:  # coalesced into one work (NCCL / HCCL)
             everyone = sorted({m.peer for m in messages})
             peers = [everyone] * len(works)
-        wait_works(works, peers, self.timeout, self.should_abort)
+        wait_works(
+            works, peers, self.timeout, self.should_abort, pollable=self.pollable
+        )
 
     def _scratch_rows(self, num_rows: int, row_bytes: int) -> torch.Tensor:
         """Grow-only scratch, reused across layers: no allocation per layer."""
