@@ -1,0 +1,191 @@
+"""Cross-rank agreement without a per-step blocking collective.
+
+All EP ranks call ``EplbState.step()`` once per engine step, so the step counter
+is a shared clock. A vote is an ``async_op=True`` all-reduce (SUM) on a CPU gloo
+group that nothing else uses, *launched* at step ``t`` and *read* at step
+``t + delay``; every rank reads the same reduced tensor at the same step, so a
+decision taken from it is identical everywhere. By then the all-reduce has
+normally completed and reading it does not wait. Only a vote still incomplete
+at its due step is waited for, and one still incomplete ``timeout_s`` later
+raises ``VoteTimeout`` (the caller aborts the rebalance).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "BlockingCollectiveCounter",
+    "NonBlockingVote",
+    "VoteResult",
+    "VoteTimeout",
+    "private_gloo_group",
+]
+
+_POLL_S = 0.0002
+
+
+class VoteTimeout(RuntimeError):
+    """A vote was still incomplete ``timeout_s`` after its due step."""
+
+
+@dataclass
+class VoteResult:
+    """A completed vote: ``total`` is the SUM over ranks of the payloads."""
+
+    kind: str
+    launched_at: int
+    total: torch.Tensor
+    context: Any
+
+
+@dataclass
+class _Pending:
+    kind: str
+    launched_at: int
+    due_at: int
+    tensor: torch.Tensor
+    work: Any
+    context: Any
+
+
+class NonBlockingVote:
+    """FIFO of in-flight all-reduces on one private group, read ``delay`` steps later.
+
+    ``group`` None means a single rank: the payload is its own total.
+    """
+
+    def __init__(
+        self, group: dist.ProcessGroup | None, delay: int, timeout_s: float
+    ) -> None:
+        if delay < 1:
+            raise ValueError(f"vote delay must be >= 1 step, got {delay}")
+        if not timeout_s > 0:
+            raise ValueError(f"vote timeout must be > 0 s, got {timeout_s}")
+        self.group = group
+        self.delay = delay
+        self.timeout_s = timeout_s
+        self.blocking_waits = 0
+        """Votes that were not complete at their due step (each waited for)."""
+        self._pending: deque[_Pending] = deque()
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
+
+    def launch(
+        self, step: int, kind: str, payload: torch.Tensor, context: Any = None
+    ) -> None:
+        """Start a SUM all-reduce of ``payload`` (CPU, int64); never blocks."""
+        tensor = payload.detach().to("cpu", torch.int64).clone()
+        work = None
+        if self.group is not None and dist.get_world_size(self.group) > 1:
+            work = dist.all_reduce(tensor, group=self.group, async_op=True)
+        self._pending.append(
+            _Pending(kind, step, step + self.delay, tensor, work, context)
+        )
+
+    def collect(self, step: int) -> list[VoteResult]:
+        """Votes due at or before ``step``, in launch order.
+
+        Waits only for a vote not yet complete (counted in ``blocking_waits``);
+        raises ``VoteTimeout`` if it stays incomplete for ``timeout_s``.
+        """
+        results = []
+        while self._pending and self._pending[0].due_at <= step:
+            item = self._pending[0]
+            if item.work is not None and not item.work.is_completed():
+                self.blocking_waits += 1
+                deadline = time.monotonic() + self.timeout_s
+                while not item.work.is_completed():
+                    if time.monotonic() > deadline:
+                        raise VoteTimeout(
+                            f"{item.kind} vote launched at step {item.launched_at} "
+                            f"still incomplete {self.timeout_s:.1f} s after its due "
+                            f"step {item.due_at}"
+                        )
+                    time.sleep(_POLL_S)
+            if item.work is not None:
+                item.work.wait()
+            self._pending.popleft()
+            results.append(
+                VoteResult(item.kind, item.launched_at, item.tensor, item.context)
+            )
+        return results
+
+    def drain(self) -> None:
+        """Wait for every in-flight vote (all ranks launched the same ones)."""
+        if self._pending:
+            self.collect(self._pending[-1].due_at)
+
+
+def private_gloo_group(
+    my_ranks: Sequence[int], all_rank_lists: Sequence[Sequence[int]]
+) -> dist.ProcessGroup | None:
+    """Create one gloo group per rank list and return the one holding this rank.
+
+    ``torch.distributed.new_group`` must be called by every process for every
+    group, in the same order; ``all_rank_lists`` lists all EP groups of the
+    world (the caller gathers them). Returns None for a single-rank group.
+    """
+    me = dist.get_rank()
+    if me not in my_ranks:
+        raise ValueError(f"rank {me} is not in its own EP group {list(my_ranks)}")
+    mine = None
+    for ranks in sorted({tuple(sorted(r)) for r in all_rank_lists}):
+        group = dist.new_group(list(ranks), backend="gloo")
+        if me in ranks:
+            mine = group
+    return mine if len(my_ranks) > 1 else None
+
+
+_COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object",
+    "all_to_all", "all_to_all_single", "barrier", "broadcast",
+    "broadcast_object_list", "gather", "recv", "reduce", "reduce_scatter",
+    "reduce_scatter_tensor", "scatter", "send",
+)
+
+
+class BlockingCollectiveCounter:
+    """Counts blocking ``torch.distributed`` collectives issued by one thread.
+
+    A call counts unless it passes ``async_op=True``; the patch wraps the
+    module attributes, so it sees code that calls ``dist.<op>(...)``.
+    """
+
+    def __init__(self, thread: threading.Thread | None = None) -> None:
+        self.thread = thread or threading.current_thread()
+        self.count = 0
+        self.by_name: dict[str, int] = {}
+
+    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is self.thread and not kwargs.get(
+                "async_op", False
+            ):
+                self.count += 1
+                self.by_name[name] = self.by_name.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    @contextmanager
+    def installed(self) -> Iterator[BlockingCollectiveCounter]:
+        originals = {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
+        try:
+            for name, fn in originals.items():
+                setattr(dist, name, self._wrap(name, fn))
+            yield self
+        finally:
+            for name, fn in originals.items():
+                setattr(dist, name, fn)

@@ -1,0 +1,129 @@
+"""Our own knobs, read from ``VLLM_ASYNC_EPLB_*`` environment variables.
+
+vLLM's ``EPLBConfig`` keeps its meaning (window, interval, redundant experts,
+logging, sync/async); these add what vLLM has no field for. Parsing is strict so
+a typo fails at start-up with the variable and its value, not mid-serving.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = ["ENV_PREFIX", "AsyncEplbConfig", "plugin_enabled"]
+
+ENV_PREFIX = "VLLM_ASYNC_EPLB"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+POLICIES = ("min_migration", "default")
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
+
+
+def _parse_int(name: str, raw: str, minimum: int) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be >= {minimum}")
+    return value
+
+
+def _parse_float(name: str, raw: str, minimum: float, strict: bool) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}={raw!r} must be finite")
+    if value < minimum or (strict and value == minimum):
+        relation = ">" if strict else ">="
+        raise ValueError(f"{name}={raw!r} must be {relation} {minimum}")
+    return value
+
+
+def plugin_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """``VLLM_ASYNC_EPLB=0`` turns the vLLM plugin off (default: on)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_PREFIX)
+    return True if raw is None else _parse_bool(ENV_PREFIX, raw)
+
+
+@dataclass(frozen=True)
+class AsyncEplbConfig:
+    """Knobs of the asynchronous path; defaults are the documented ones."""
+
+    policy: str = "min_migration"
+    """Placement policy given to ``rebalance_algo``."""
+    transport: str = "auto"
+    """Transport name for ``make_transport`` (``auto``, ``p2p``, ``ipc``, ...)."""
+    layers_per_step: int = 1
+    """Most layers committed in one engine step."""
+    min_gain: float = 0.01
+    """Skip a rebalance whose predicted balancedness gain is below this."""
+    vote_delay: int = 2
+    """Steps between launching a readiness vote and reading it (D)."""
+    timeout_s: float = 60.0
+    """A vote still incomplete this long after it is due aborts the rebalance;
+    a worker without progress this long reports itself timed out."""
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(
+                f"{ENV_PREFIX}_POLICY={self.policy!r} is not one of {POLICIES}"
+            )
+        if not self.transport:
+            raise ValueError(f"{ENV_PREFIX}_TRANSPORT={self.transport!r} is empty")
+        if self.layers_per_step < 1:
+            raise ValueError(
+                f"{ENV_PREFIX}_LAYERS_PER_STEP={self.layers_per_step!r} must be >= 1"
+            )
+        if not 0.0 <= self.min_gain <= 1.0:
+            raise ValueError(
+                f"{ENV_PREFIX}_MIN_GAIN={self.min_gain!r} must be in [0, 1]"
+            )
+        if self.vote_delay < 1:
+            raise ValueError(
+                f"{ENV_PREFIX}_VOTE_DELAY={self.vote_delay!r} must be >= 1"
+            )
+        if not self.timeout_s > 0:
+            raise ValueError(f"{ENV_PREFIX}_TIMEOUT_S={self.timeout_s!r} must be > 0")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AsyncEplbConfig:
+        """Read ``VLLM_ASYNC_EPLB_*``; unset variables take the defaults."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+
+        def raw(suffix: str) -> tuple[str, str | None]:
+            name = f"{ENV_PREFIX}_{suffix}"
+            return name, env.get(name)
+
+        name, value = raw("POLICY")
+        if value is not None:
+            values["policy"] = value.strip()
+        name, value = raw("TRANSPORT")
+        if value is not None:
+            values["transport"] = value.strip()
+        name, value = raw("LAYERS_PER_STEP")
+        if value is not None:
+            values["layers_per_step"] = _parse_int(name, value, 1)
+        name, value = raw("MIN_GAIN")
+        if value is not None:
+            values["min_gain"] = _parse_float(name, value, 0.0, strict=False)
+        name, value = raw("VOTE_DELAY")
+        if value is not None:
+            values["vote_delay"] = _parse_int(name, value, 1)
+        name, value = raw("TIMEOUT_S")
+        if value is not None:
+            values["timeout_s"] = _parse_float(name, value, 0.0, strict=True)
+        return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,852 @@
+"""``EplbState``: a drop-in for vLLM's, that never stalls the engine to move experts.
+
+vLLM's model runners (v1 ``gpu_model_runner``, v2 ``gpu/eplb_utils``) and the
+spec-decode proposers use it unchanged: ``EplbState(parallel_config, device)``,
+``add_model``, ``prepare_forward``, ``step``, ``rearrange``, ``start_async_loop``,
+``drain_async``, ``is_async``, ``model_states``.
+
+How one rebalance runs (async mode), all decisions on the shared step clock:
+
+1. every ``step_interval`` steps the logical load window is summed over EP ranks
+   by a non-blocking all-reduce (a "load" vote), read ``vote_delay`` steps later;
+2. the new placement, its predicted gain and the transfer plans are computed on
+   a helper thread; a rank whose plan is ready submits it to its staging worker
+   (unless the gain is below ``min_gain``);
+3. while the rebalance is in flight every step launches a "ready" vote: per rank,
+   planned / skip / error flags and which layers are staged. The vote read at a
+   step commits up to ``layers_per_step`` layers every rank has staged, or skips,
+   or aborts on every rank at once. Nothing here blocks on a step where nothing
+   is decided: votes are read after they have completed.
+
+Sync mode (``use_async=False``) and profile runs move all layers at once through
+the same planner and transports.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from vllm.distributed.async_eplb.agreement import (
+    NonBlockingVote,
+    VoteResult,
+    VoteTimeout,
+    private_gloo_group,
+)
+from vllm.distributed.async_eplb.config import AsyncEplbConfig
+from vllm.distributed.async_eplb.load_stats import (
+    LoadWindow,
+    balancedness,
+    predicted_balancedness,
+    tokens_per_rank,
+)
+from vllm.distributed.async_eplb.maps import ExpertMaps, max_replicas_for
+from vllm.distributed.async_eplb.planner import LayerPlan, plan_layers
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EpGroupInfo", "EplbCounters", "EplbModelState", "EplbState"]
+
+_ELASTIC = "elastic expert parallelism is not supported by async_eplb"
+
+# Layout of a "ready" vote payload, before the per-layer staged flags.
+_ERROR, _PLANNED, _SKIP, _HEADER = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class EpGroupInfo:
+    """Who this rank is in its EP group, and every EP group of the world."""
+
+    rank: int
+    ranks: tuple[int, ...]
+    all_rank_lists: tuple[tuple[int, ...], ...]
+    ranks_per_node: int
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    @classmethod
+    def whole_world(cls, ranks_per_node: int | None = None) -> EpGroupInfo:
+        """The default process group as the one EP group (tests, benchmarks)."""
+        size = dist.get_world_size()
+        ranks = tuple(range(size))
+        return cls(dist.get_rank(), ranks, (ranks,), ranks_per_node or size)
+
+    @classmethod
+    def from_vllm(cls) -> EpGroupInfo:
+        from vllm.distributed.parallel_state import (
+            get_ep_group,
+            get_node_count,
+            get_world_group,
+        )
+
+        ep = get_ep_group()
+        ranks = tuple(ep.ranks)
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, ranks, group=get_world_group().cpu_group)
+        nodes = max(1, get_node_count())
+        per_node = len(ranks) // nodes if len(ranks) % nodes == 0 else len(ranks)
+        return cls(
+            ep.rank_in_group, ranks, tuple(tuple(r) for r in gathered), per_node
+        )
+
+
+@dataclass
+class EplbCounters:
+    """What happened so far on this rank; read by the simulator and benchmarks."""
+
+    rebalances: int = 0
+    skips: int = 0
+    aborts: int = 0
+    layers_committed: int = 0
+    bytes_moved: int = 0
+    staging_seconds: list[float] = field(default_factory=list)
+    commit_seconds: list[float] = field(default_factory=list)
+    last_abort_cause: str | None = None
+    last_predicted: tuple[float, float] | None = None
+    """(old, new) predicted balancedness of the last planned rebalance."""
+    last_balancedness: float | None = None
+    """Last logged balancedness (mean/max tokens per rank)."""
+
+
+@dataclass
+class _Plan:
+    """One model's planned rebalance, computed off the main thread."""
+
+    new_phy2log: torch.Tensor
+    plans: list[LayerPlan]
+    old_balancedness: float
+    new_balancedness: float
+
+    @property
+    def changed_layers(self) -> list[int]:
+        return [i for i, p in enumerate(self.plans) if not p.is_noop]
+
+
+class EplbModelState:
+    """One registered model: its maps, load window, staging buffer and worker."""
+
+    def __init__(
+        self,
+        model: Any,
+        model_name: str,
+        maps: ExpertMaps,
+        load_pass: torch.Tensor,
+        window: LoadWindow,
+        num_unpadded_tokens_tensors: list[torch.Tensor],
+    ) -> None:
+        self.model = model
+        self.model_name = model_name
+        self.maps = maps
+        self.expert_load_pass = load_pass
+        self.window = window
+        self.num_unpadded_tokens_tensors = num_unpadded_tokens_tensors
+        self.buffer: Any = None
+        self.transport: Any = None
+        self.worker: Any = None
+        self.plan: _Plan | None = None
+        self.pending_layers: list[int] = []
+        self.harvested = False  # worker stats of the current job already counted
+
+    # vLLM's EplbModelState attribute names, for code that reads them.
+    @property
+    def physical_to_logical_map(self) -> torch.Tensor:
+        return self.maps.phy2log
+
+    @property
+    def logical_to_physical_map(self) -> torch.Tensor:
+        return self.maps.log2phy
+
+    @property
+    def logical_replica_count(self) -> torch.Tensor:
+        return self.maps.logcnt
+
+    @property
+    def rebalanced(self) -> bool:
+        """A rebalance of this model is in flight (vLLM's flag name)."""
+        return self.plan is not None
+
+
+def _initial_phy2log(model: Any) -> torch.Tensor:
+    """vLLM's initial placement: experts in order, then redundant ``i % E``."""
+    num_logical = model.num_logical_experts
+    row = list(range(model.num_routed_experts))
+    row += [i % model.num_routed_experts for i in range(model.num_redundant_experts)]
+    if len(row) != model.num_physical_experts or max(row) >= num_logical:
+        raise ValueError(
+            f"model has {model.num_physical_experts} physical experts but "
+            f"{model.num_routed_experts} routed + {model.num_redundant_experts} "
+            "redundant"
+        )
+    return torch.tensor(row, dtype=torch.int64).expand(model.num_moe_layers, -1)
+
+
+def _config_hash(model_config: Any) -> str:
+    return model_config.compute_hash()
+
+
+class EplbState:
+    """EPLB of all models of one worker (main model and drafter)."""
+
+    def __init__(
+        self,
+        parallel_config: Any,
+        device: torch.device | str,
+        *,
+        ep_group: EpGroupInfo | None = None,
+        config: AsyncEplbConfig | None = None,
+    ) -> None:
+        if getattr(parallel_config, "enable_elastic_ep", False):
+            raise NotImplementedError(_ELASTIC)
+        eplb_config = parallel_config.eplb_config
+        self.parallel_config = parallel_config
+        self.device = torch.device(device)
+        self.config = config or AsyncEplbConfig.from_env()
+        self.is_async: bool = bool(eplb_config.use_async)
+        self.model_states: dict[str, EplbModelState] = {}
+        self.counters = EplbCounters()
+        self.expert_load_window_size: int = eplb_config.window_size
+        self.expert_rearrangement_step_interval: int = eplb_config.step_interval
+        # vLLM starts 3/4 into the first interval; so do we.
+        interval = self.expert_rearrangement_step_interval
+        self.expert_rearrangement_step: int = max(0, interval - interval // 4)
+        self.step_count = 0
+        """The shared clock: incremented by every ``step()`` on every rank."""
+        self.should_record_tensor: torch.Tensor | None = None
+        self._ep_group = ep_group
+        self._vote: NonBlockingVote | None = None
+        self._staging_group: dist.ProcessGroup | None = None
+        self._backend: Any = None
+        self._epoch = 0
+        self._phase = "idle"  # idle | aggregating | active
+        self._planner = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="async-eplb-plan"
+        )
+        self._plan_future: concurrent.futures.Future | None = None
+        self._plan_status = "none"  # none|planning|planned|submitted|skip|failed
+        self._plans: list[_Plan] = []
+        self._local_error: str | None = None
+        self._last_progress = time.monotonic()
+        self._async_started = False
+
+    # -- set-up ------------------------------------------------------------
+    @property
+    def ep(self) -> EpGroupInfo:
+        if self._ep_group is None:
+            self._ep_group = EpGroupInfo.from_vllm()
+        return self._ep_group
+
+    def _ensure_groups(self) -> None:
+        """Create the vote and staging groups (collective: all ranks, add_model)."""
+        if self._vote is not None:
+            return
+        ep = self.ep
+        vote_group = private_gloo_group(ep.ranks, ep.all_rank_lists)
+        self._staging_group = private_gloo_group(ep.ranks, ep.all_rank_lists)
+        self._vote = NonBlockingVote(
+            vote_group, self.config.vote_delay, self.config.timeout_s
+        )
+
+    def add_model(
+        self, model: Any, model_config: Any, model_name: str | None = None
+    ) -> None:
+        """Register a MoE model: allocate maps, load window, staging buffer."""
+        from vllm.distributed.async_eplb.device import DeviceBackend
+        from vllm.distributed.async_eplb.staging import StagingBuffer
+        from vllm.distributed.async_eplb.transports import make_transport
+
+        if getattr(model, "num_moe_layers", 0) <= 0:
+            raise ValueError(f"model {type(model).__name__} has no MoE layers")
+        if self.model_states:
+            registered = next(iter(self.model_states.values())).model
+            self._check_same_geometry(registered, model)
+        ep = self.ep
+        if model.num_physical_experts % ep.world_size:
+            raise ValueError(
+                f"{model.num_physical_experts} physical experts are not divisible "
+                f"by {ep.world_size} EP ranks"
+            )
+        self._ensure_groups()
+        maps = ExpertMaps(
+            _initial_phy2log(model),
+            model.num_logical_experts,
+            max_replicas_for(model.num_redundant_experts),
+            device=self.device,
+        )
+        load_pass = torch.zeros(
+            model.num_moe_layers,
+            model.num_physical_experts,
+            dtype=torch.int32,
+            device=self.device,
+        )
+        window = LoadWindow(
+            self.expert_load_window_size,
+            model.num_moe_layers,
+            model.num_logical_experts,
+            device=self.device,
+        )
+        num_ubatches = max(1, getattr(self.parallel_config, "num_ubatches", 1) or 1)
+        unpadded = [
+            torch.tensor(0, dtype=torch.int32, device=self.device)
+            for _ in range(num_ubatches)
+        ]
+        model.set_eplb_state(load_pass, maps.log2phy, maps.logcnt)
+        self._propagate_shared_tensors(model, unpadded)
+        state = EplbModelState(
+            model,
+            model_name or getattr(model_config, "model", type(model).__name__),
+            maps,
+            load_pass,
+            window,
+            unpadded,
+        )
+        if self._backend is None:
+            self._backend = DeviceBackend.for_device(self.device)
+        # Allocated now, before vLLM profiles memory, so the profile sees it.
+        state.buffer = StagingBuffer(model.expert_weights[0], self._backend)
+        state.transport = make_transport(
+            self.config.transport,
+            backend=self._backend,
+            group=self._staging_group,
+            expert_weights=model.expert_weights,
+            ranks_per_node=ep.ranks_per_node,
+            timeout=self.config.timeout_s,
+        )
+        if self.is_async:
+            state.worker = self._new_worker(state)
+        self.model_states[_config_hash(model_config)] = state
+
+    def _new_worker(self, state: EplbModelState) -> Any:
+        from vllm.distributed.async_eplb.worker import StagingWorker
+
+        return StagingWorker(
+            state.model.expert_weights,
+            state.buffer,
+            state.transport,
+            self._backend,
+            rank=self.ep.rank,
+        )
+
+    @staticmethod
+    def _check_same_geometry(model: Any, new_model: Any) -> None:
+        names = (
+            "num_routed_experts",
+            "num_redundant_experts",
+            "num_physical_experts",
+            "num_logical_experts",
+            "num_expert_groups",
+        )
+        for name in names:
+            if getattr(model, name) != getattr(new_model, name):
+                raise ValueError(
+                    f"{name} of the new model is {getattr(new_model, name)}, "
+                    f"the registered model has {getattr(model, name)}"
+                )
+
+    def _propagate_shared_tensors(
+        self, model: Any, num_unpadded_tokens_tensors: list[torch.Tensor]
+    ) -> None:
+        """Give vLLM's per-layer ``EplbLayerState`` the shared scalar tensors.
+
+        We record every step (the window is a ring), so the flag stays True.
+        """
+        if self.should_record_tensor is None:
+            self.should_record_tensor = torch.ones(
+                (), dtype=torch.bool, device=self.device
+            )
+        for layer in getattr(model, "moe_layers", ()):
+            layer_state = getattr(layer, "eplb_state", None)
+            if layer_state is not None and hasattr(layer_state, "should_record_tensor"):
+                layer_state.should_record_tensor = self.should_record_tensor
+                layer_state.num_unpadded_tokens_tensors = num_unpadded_tokens_tensors
+
+    def start_async_loop(
+        self, rank_mapping: dict[int, int] | None = None, is_profile: bool = False
+    ) -> None:
+        """Start the staging workers (async mode only)."""
+        if rank_mapping is not None:
+            raise NotImplementedError(_ELASTIC)
+        if not self.is_async or self._async_started:
+            return
+        for state in self.model_states.values():
+            state.worker.start()
+        self._async_started = True
+
+    # -- per step -----------------------------------------------------------
+    def prepare_forward(
+        self,
+        model_config: Any,
+        num_unpadded_tokens: int,
+        ubatch_slices: list | None = None,
+    ) -> None:
+        """Fill the per-(u)batch count of real tokens the router reads."""
+        state = self.model_states.get(_config_hash(model_config))
+        if state is None:
+            return
+        tensors = state.num_unpadded_tokens_tensors
+        if ubatch_slices is None:
+            tensors[0].fill_(num_unpadded_tokens)
+            return
+        for i, ubatch in enumerate(ubatch_slices):
+            span = ubatch.token_slice
+            tensors[i].fill_(max(0, min(num_unpadded_tokens, span.stop) - span.start))
+
+    def step(
+        self, is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False
+    ) -> None:
+        """Once per engine step on every rank, dummy steps included."""
+        if is_profile:
+            self.rearrange(is_profile=True)
+            return
+        states = list(self.model_states.values())
+        log_due = (
+            log_stats
+            and self.expert_rearrangement_step
+            % self.parallel_config.eplb_config.log_balancedness_interval
+            == 0
+        )
+        rank_tokens = None
+        log_step = self.expert_rearrangement_step
+        if log_due:
+            rank_tokens = [
+                tokens_per_rank(
+                    s.expert_load_pass.to("cpu", torch.int64), self.ep.world_size
+                )
+                for s in states
+            ]
+        for state in states:
+            if not is_dummy:
+                # Attributed now, with the map this forward pass ran under.
+                state.window.record(state.expert_load_pass, state.maps.phy2log)
+            state.expert_load_pass.zero_()
+        self.step_count += 1
+        self.expert_rearrangement_step += 1
+
+        if self.is_async:
+            self._collect_votes()
+        if (
+            self.expert_rearrangement_step >= self.expert_rearrangement_step_interval
+            and self._phase == "idle"
+        ):
+            self.expert_rearrangement_step = 0
+            self.rearrange()
+        if self.is_async and self._phase == "active":
+            self._launch_ready_vote()
+        if rank_tokens is not None:
+            self._launch(
+                "log",
+                torch.cat([t.reshape(-1) for t in rank_tokens]),
+                (log_step, [t.shape for t in rank_tokens]),
+            )
+            if not self.is_async:
+                self._collect_votes()
+
+    def _launch(self, kind: str, payload: torch.Tensor, context: Any) -> None:
+        assert self._vote is not None
+        self._vote.launch(self.step_count, kind, payload, context)
+
+    def _collect_votes(self) -> None:
+        assert self._vote is not None
+        target = self.step_count if self.is_async else float("inf")
+        try:
+            results = self._vote.collect(int(min(target, 2**62)))
+        except VoteTimeout as exc:
+            self._abort(f"vote timed out: {exc}", local=True)
+            return
+        for result in results:
+            handler = {
+                "load": self._on_load_vote,
+                "ready": self._on_ready_vote,
+                "log": self._on_log_vote,
+            }[result.kind]
+            handler(result)
+
+    # -- load aggregation and planning -----------------------------------------
+    def rearrange(
+        self,
+        is_profile: bool = False,
+        rank_mapping: dict[int, int] | None = None,
+        use_last_expert_load: bool = False,
+    ) -> torch.Tensor | None:
+        """Start a rebalance (async), or run one to completion (sync, profile)."""
+        if rank_mapping is not None or use_last_expert_load:
+            raise NotImplementedError(_ELASTIC)
+        if not self.model_states:
+            return None
+        if is_profile:
+            self._profile_transfer()
+            return None
+        self._epoch += 1
+        totals = [s.window.total() for s in self.model_states.values()]
+        payload = torch.cat([t.reshape(-1) for t in totals])
+        if self.is_async:
+            self._phase = "aggregating"
+            self._launch("load", payload, (self._epoch, [t.shape for t in totals]))
+            return None
+        self._rearrange_sync(payload, [t.shape for t in totals])
+        return None
+
+    def _split(self, flat: torch.Tensor, shapes: Sequence[torch.Size]) -> list:
+        out, offset = [], 0
+        for shape in shapes:
+            size = int(torch.Size(shape).numel())
+            out.append(flat[offset : offset + size].reshape(shape))
+            offset += size
+        return out
+
+    def _compute_plan(self, state: EplbModelState, load: torch.Tensor) -> _Plan:
+        """Placement + gain + transfer plans: pure, identical on every rank."""
+        from vllm.distributed.async_eplb.rebalance_algo import rebalance_experts
+
+        model, ep = state.model, self.ep
+        old = state.maps.phy2log.to("cpu")
+        num_nodes = max(1, ep.world_size // ep.ranks_per_node)
+        new = rebalance_experts(
+            load.to(torch.float32),
+            model.num_physical_experts,
+            model.num_expert_groups,
+            num_nodes,
+            ep.world_size,
+            old,
+            policy=self.config.policy,
+        )
+        new = torch.as_tensor(new, dtype=torch.int64).reshape(old.shape)
+        return _Plan(
+            new_phy2log=new,
+            plans=plan_layers(old, new, ep.world_size, ep.ranks_per_node),
+            old_balancedness=predicted_balancedness(load, old, ep.world_size),
+            new_balancedness=predicted_balancedness(load, new, ep.world_size),
+        )
+
+    def _compute_plans(self, loads: list[torch.Tensor]) -> list[_Plan]:
+        states = list(self.model_states.values())
+        pairs = zip(states, loads, strict=True)
+        return [self._compute_plan(state, load) for state, load in pairs]
+
+    def _gain_too_small(self, plans: list[_Plan]) -> bool:
+        old = sum(p.old_balancedness for p in plans) / len(plans)
+        new = sum(p.new_balancedness for p in plans) / len(plans)
+        self.counters.last_predicted = (old, new)
+        return new - old < self.config.min_gain
+
+    def _on_load_vote(self, result: VoteResult) -> None:
+        epoch, shapes = result.context
+        if epoch != self._epoch or self._phase != "aggregating":
+            return
+        loads = self._split(result.total, shapes)
+        self._phase = "active"
+        self._local_error = None
+        self._last_progress = time.monotonic()
+        self._plan_future = self._planner.submit(self._compute_plans, loads)
+        self._plan_status = "planning"
+
+    # -- async staging, vote and commit -----------------------------------------
+    def _poll_local_plan(self) -> tuple[bool, bool]:
+        """(planned, skip) for this rank.
+
+        Jobs are not submitted here: a rank that failed to plan would leave
+        its peers waiting for its messages. They are submitted at the step
+        whose vote shows every rank planned, no skip and no error.
+        """
+        if self._plan_status == "planning":
+            assert self._plan_future is not None
+            if not self._plan_future.done():
+                return False, False
+            try:
+                self._plans = self._plan_future.result()
+            except Exception as exc:  # reported through the vote, logged once
+                self._local_error = f"placement failed: {exc!r}"
+                self._plan_status = "failed"
+                return True, False
+            skip = self._gain_too_small(self._plans)
+            self._plan_status = "skip" if skip else "planned"
+        return self._plan_status != "planning", self._plan_status == "skip"
+
+    def _submit(self, plans: list[_Plan]) -> None:
+        if not self._async_started:
+            self.start_async_loop()
+        for state, plan in zip(self.model_states.values(), plans, strict=True):
+            state.plan = plan
+            state.pending_layers = plan.changed_layers
+            state.harvested = False
+            if state.pending_layers:
+                jobs = {i: plan.plans[i] for i in state.pending_layers}
+                state.worker.submit(self._epoch, jobs)
+
+    def _launch_ready_vote(self) -> None:
+        planned, skip = self._poll_local_plan()
+        states = list(self.model_states.values())
+        flags = [torch.zeros(s.model.num_moe_layers, dtype=torch.int64) for s in states]
+        error = self._local_error is not None
+        staged_any = False
+        for state, flag in zip(states, flags, strict=True):
+            worker = state.worker
+            if worker is None:
+                continue
+            if worker.error is not None:
+                error = True
+                if self._local_error is None:
+                    self._local_error = f"staging worker failed: {worker.error!r}"
+            staged = [i for i in worker.staged_layers() if i in state.pending_layers]
+            if staged:
+                flag[staged] = 1
+                staged_any = True
+        busy = any(s.pending_layers for s in states)
+        if staged_any or not busy:
+            self._last_progress = time.monotonic()
+        elif time.monotonic() - self._last_progress > self.config.timeout_s:
+            error = True
+            self._local_error = self._local_error or (
+                f"no layer staged for {self.config.timeout_s:.1f} s"
+            )
+        header = torch.tensor([int(error), int(planned), int(skip)], dtype=torch.int64)
+        self._launch("ready", torch.cat([header, *flags]), self._epoch)
+
+    def _on_ready_vote(self, result: VoteResult) -> None:
+        if result.context != self._epoch or self._phase != "active":
+            return
+        total, world = result.total, self.ep.world_size
+        if int(total[_ERROR]) > 0:
+            self._abort(
+                self._local_error or f"{int(total[_ERROR])} other rank(s) failed",
+                local=self._local_error is not None,
+            )
+            return
+        if int(total[_PLANNED]) < world:
+            return
+        skips = int(total[_SKIP])
+        if skips == world:
+            self._finish_skip()
+            return
+        if skips:
+            self._abort(f"ranks disagree on skipping ({skips} of {world})", local=False)
+            return
+        if self._plan_status == "planned":
+            self._submit(self._plans)
+            self._plan_status = "submitted"
+        self._commit_ready(total[_HEADER:])
+
+    def _commit_ready(self, staged_counts: torch.Tensor) -> None:
+        budget = self.config.layers_per_step
+        offset = 0
+        world = self.ep.world_size
+        for state in self.model_states.values():
+            num_layers = state.model.num_moe_layers
+            counts = staged_counts[offset : offset + num_layers]
+            offset += num_layers
+            for layer in list(state.pending_layers):
+                if budget == 0:
+                    break
+                if int(counts[layer]) != world:
+                    continue
+                assert state.plan is not None
+                start = time.perf_counter()
+                state.worker.commit_layer(
+                    layer, state.maps, state.plan.new_phy2log[layer].to(self.device)
+                )
+                self.counters.commit_seconds.append(time.perf_counter() - start)
+                self.counters.layers_committed += 1
+                state.pending_layers.remove(layer)
+                budget -= 1
+        if all(not s.pending_layers for s in self.model_states.values()):
+            self._finish_rebalance()
+
+    def _harvest_worker_stats(self, state: EplbModelState) -> None:
+        """Add the finished job's staging stats (bytes, per-layer time) once."""
+        stats = getattr(state.worker, "stats", None)
+        if stats is None or stats.job_id != self._epoch or state.harvested:
+            return
+        self.counters.bytes_moved += int(stats.bytes_received)
+        self.counters.staging_seconds.extend(stats.layer_seconds.values())
+        state.harvested = True
+
+    def _end_epoch(self) -> None:
+        self._phase = "idle"
+        self._plan_future = None
+        self._plan_status = "none"
+        self._plans = []
+        self._local_error = None
+        for state in self.model_states.values():
+            state.plan = None
+            state.pending_layers = []
+            self._harvest_worker_stats(state)
+
+    def _finish_rebalance(self) -> None:
+        self.counters.rebalances += 1
+        old, new = self.counters.last_predicted or (float("nan"), float("nan"))
+        if self.ep.rank == 0:
+            logger.info(
+                "async EPLB: rebalance %d committed at step %d "
+                "(predicted balancedness %.4f -> %.4f)",
+                self._epoch, self.step_count, old, new,
+            )
+        self._end_epoch()
+
+    def _finish_skip(self) -> None:
+        self.counters.skips += 1
+        old, new = self.counters.last_predicted or (float("nan"), float("nan"))
+        if self.ep.rank == 0:
+            logger.info(
+                "async EPLB: skipping rebalance at step %d: predicted balancedness "
+                "%.4f -> %.4f, gain below VLLM_ASYNC_EPLB_MIN_GAIN=%.4f",
+                self.step_count, old, new, self.config.min_gain,
+            )
+        self._end_epoch()
+
+    def _abort(self, cause: str, *, local: bool) -> None:
+        """Drop the rest of the rebalance; committed layers stay committed."""
+        self.counters.aborts += 1
+        self.counters.last_abort_cause = cause
+        if local or self.ep.rank == 0:
+            logger.error(
+                "async EPLB: rebalance %d aborted at step %d on rank %d: %s; "
+                "layers keep their placement, the next interval tries again",
+                self._epoch, self.step_count, self.ep.rank, cause,
+            )
+        for state in self.model_states.values():
+            worker = state.worker
+            if worker is None:
+                continue
+            worker.cancel()
+            if self._async_started and not worker.is_alive():
+                # The thread itself died: replace it so the next interval works.
+                worker.stop()
+                state.worker = self._new_worker(state)
+                state.worker.start()
+        self._end_epoch()
+
+    def _on_log_vote(self, result: VoteResult) -> None:
+        rearrangement_step, shapes = result.context
+        remaining = max(0, self.expert_rearrangement_step_interval - rearrangement_step)
+        for state, rank_tokens in zip(
+            self.model_states.values(), self._split(result.total, shapes), strict=True
+        ):
+            avg, peak, value = balancedness(rank_tokens)
+            self.counters.last_balancedness = value
+            if self.ep.rank == 0:
+                logger.info(
+                    "EPLB step: %d for model %s: avg_tokens=%.2f, "
+                    "max_tokens=%d, balancedness=%.4f, "
+                    "steps until the next rearrangement: %d",
+                    rearrangement_step, state.model_name, avg, int(peak), value,
+                    remaining,
+                )
+
+    # -- sync mode and profile ---------------------------------------------------
+    def _rearrange_sync(self, payload: torch.Tensor, shapes: list) -> None:
+        """All layers at once, blocking (``use_async=False``)."""
+        assert self._vote is not None
+        if self._vote.group is not None:
+            dist.all_reduce(payload, group=self._vote.group)
+        plans = self._compute_plans(self._split(payload, shapes))
+        if self._gain_too_small(plans):
+            self._finish_skip()
+            return
+        start = time.perf_counter()
+        for state, plan in zip(self.model_states.values(), plans, strict=True):
+            for layer in plan.changed_layers:
+                self._move_layer_now(state, layer, plan.plans[layer],
+                                     plan.new_phy2log[layer])
+        self.counters.rebalances += 1
+        if self.ep.rank == 0:
+            old, new = self.counters.last_predicted or (0.0, 0.0)
+            logger.info(
+                "async EPLB (sync mode): rearranged experts in %.3f s "
+                "(predicted balancedness %.4f -> %.4f)",
+                time.perf_counter() - start, old, new,
+            )
+
+    def _move_layer_now(
+        self,
+        state: EplbModelState,
+        layer: int,
+        plan: LayerPlan,
+        new_row: torch.Tensor | None,
+    ) -> None:
+        """Stage one layer on this thread; commit it unless ``new_row`` is None."""
+        from vllm.distributed.async_eplb.staging import copy_slot_runs, slot_runs
+
+        start = time.perf_counter()
+        buffers = state.buffer.slot(0)
+        weights = state.model.expert_weights[layer]
+        received = state.transport.stage_layer(
+            plan, self.ep.rank, weights, buffers, packed=state.buffer.packed(0)
+        )
+        self._backend.synchronize()
+        self.counters.bytes_moved += int(received)
+        self.counters.staging_seconds.append(time.perf_counter() - start)
+        # Peers may read our old rows until they are done: wait for all of them.
+        if self._vote is not None and self._vote.group is not None:
+            dist.barrier(group=self._vote.group)
+        if new_row is None:
+            return
+        start = time.perf_counter()
+        changed = plan.ranks[self.ep.rank].changed_slots
+        copy_slot_runs(weights, buffers, slot_runs(changed, changed))
+        state.maps.commit_layer(layer, new_row.to(self.device))
+        self._backend.synchronize()
+        self.counters.commit_seconds.append(time.perf_counter() - start)
+        self.counters.layers_committed += 1
+
+    def _profile_transfer(self) -> None:
+        """Move a worst-case layer into the staging buffer (no commit).
+
+        Every slot changes and every expert comes from another rank, so the
+        transport's buffers are allocated while vLLM profiles memory.
+        """
+        if self._phase != "idle":
+            return
+        world = self.ep.world_size
+        for state in self.model_states.values():
+            # Also warms the placement policy (JIT compilation) before serving.
+            model = state.model
+            uniform = torch.ones(model.num_moe_layers, model.num_logical_experts)
+            self._compute_plan(state, uniform)
+            old = state.maps.phy2log[0].to("cpu")
+            slots = state.model.num_local_physical_experts
+            new = torch.roll(old, shifts=slots if world > 1 else 1)
+            plan = plan_layers(old[None], new[None], world, self.ep.ranks_per_node)[0]
+            self._move_layer_now(state, 0, plan, None)
+
+    # -- shutdown and elastic EP -----------------------------------------------------
+    def drain_async(self) -> None:
+        """Stop an in-flight rebalance on every rank (callers run it in lockstep)."""
+        if not self.is_async or self._vote is None:
+            return
+        self._vote.drain()
+        for state in self.model_states.values():
+            if state.worker is not None:
+                state.worker.cancel()
+        self._end_epoch()
+
+    def shutdown(self) -> None:
+        """Stop the workers and the planning thread."""
+        for state in self.model_states.values():
+            if state.worker is not None:
+                state.worker.stop()
+        self._planner.shutdown(wait=False, cancel_futures=True)
+
+    def update_mapping(self, model_config: Any, expanded_physical_to_logical: Any):
+        raise NotImplementedError(_ELASTIC)
+
+    @classmethod
+    def from_mapping(cls, *args: Any, **kwargs: Any) -> EplbState:
+        raise NotImplementedError(_ELASTIC)
+
+    def reconfigure_physical_expert_slots(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(_ELASTIC)
+
+    def create_communicator(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(_ELASTIC)
+
+    def update_communicator(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(_ELASTIC)
+

@@ -1,0 +1,134 @@
+"""Expert-load statistics: the window, attribution, balancedness, predicted gain.
+
+Pure (no process group). Load is attributed to logical experts at the step it is
+recorded, with the placement in force during that forward pass: layers commit
+at different steps, so attributing a whole physical window with today's map (as
+vLLM does) would credit tokens to the wrong experts after a partial rebalance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "LoadWindow",
+    "balancedness",
+    "fold_to_logical",
+    "predicted_balancedness",
+    "predicted_rank_load",
+    "tokens_per_rank",
+]
+
+
+def _check_load(name: str, load: torch.Tensor) -> None:
+    if load.dtype.is_floating_point and bool(torch.isnan(load).any()):
+        raise ValueError(f"{name} contains NaN")
+    if load.numel() and bool((load < 0).any()):
+        raise ValueError(f"{name} contains a negative load (min {load.min().item()})")
+
+
+def fold_to_logical(
+    physical_load: torch.Tensor,
+    phy2log: torch.Tensor,
+    num_logical_experts: int,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """Sum per-slot load ``[L, P]`` into per-expert load ``[L, E]`` (int64).
+
+    ``phy2log`` must be the placement the load was recorded under.
+    ``check_values=False`` skips the NaN/negative check, which would make the
+    host wait for the device every step.
+    """
+    if physical_load.shape != phy2log.shape or physical_load.dim() != 2:
+        raise ValueError(
+            f"physical load of shape {tuple(physical_load.shape)} does not match "
+            f"phy2log of shape {tuple(phy2log.shape)}"
+        )
+    if check_values:
+        _check_load("physical load", physical_load)
+    out = torch.zeros(
+        phy2log.shape[0], num_logical_experts, dtype=torch.int64, device=phy2log.device
+    )
+    out.scatter_add_(1, phy2log.to(torch.int64), physical_load.to(out))
+    return out
+
+
+def tokens_per_rank(physical_load: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """Per-layer tokens each rank processes: ``[L, P] -> [L, R]``."""
+    num_layers, num_physical = physical_load.shape
+    if num_ranks <= 0 or num_physical % num_ranks:
+        raise ValueError(f"{num_physical} slots are not divisible by {num_ranks} ranks")
+    return physical_load.reshape(num_layers, num_ranks, -1).sum(dim=-1)
+
+
+def balancedness(rank_tokens: torch.Tensor) -> tuple[float, float, float]:
+    """``(avg_tokens, max_tokens, balancedness)`` of ``[L, R]``, vLLM's way.
+
+    Means and maxes are summed over layers, then divided; 0.0 without load.
+    """
+    _check_load("rank load", rank_tokens)
+    rank_tokens = rank_tokens.to(torch.float64)
+    avg = float(rank_tokens.mean(dim=1).sum())
+    peak = float(rank_tokens.max(dim=1).values.sum())
+    return avg, peak, (avg / peak if peak > 0 else 0.0)
+
+
+def predicted_rank_load(
+    logical_load: torch.Tensor, phy2log: torch.Tensor, num_ranks: int
+) -> torch.Tensor:
+    """Expected ``[L, R]`` load if ``logical_load`` is served by ``phy2log``.
+
+    The router spreads an expert's tokens evenly over its replicas.
+    """
+    _check_load("logical load", logical_load)
+    phy2log = phy2log.to(torch.int64)
+    load = logical_load.to(torch.float64)
+    counts = torch.zeros_like(load)
+    counts.scatter_add_(1, phy2log, torch.ones_like(phy2log, dtype=torch.float64))
+    per_slot = torch.gather(load / counts.clamp_min(1), 1, phy2log)
+    return tokens_per_rank(per_slot, num_ranks)
+
+
+def predicted_balancedness(
+    logical_load: torch.Tensor, phy2log: torch.Tensor, num_ranks: int
+) -> float:
+    """Balancedness ``phy2log`` would reach under ``logical_load``."""
+    return balancedness(predicted_rank_load(logical_load, phy2log, num_ranks))[2]
+
+
+class LoadWindow:
+    """Ring of the last ``window_size`` recorded steps of logical load."""
+
+    def __init__(
+        self,
+        window_size: int,
+        num_layers: int,
+        num_logical_experts: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if window_size <= 0:
+            raise ValueError(f"window_size must be > 0, got {window_size}")
+        self.num_logical_experts = num_logical_experts
+        self._steps = torch.zeros(
+            window_size, num_layers, num_logical_experts, dtype=torch.int64,
+            device=device,
+        )
+        self._next = 0
+        self.num_recorded = 0
+
+    @property
+    def window_size(self) -> int:
+        return self._steps.shape[0]
+
+    def record(self, physical_load: torch.Tensor, phy2log: torch.Tensor) -> None:
+        """Store one step, attributed with the placement it was recorded under."""
+        logical = fold_to_logical(
+            physical_load, phy2log, self.num_logical_experts, check_values=False
+        )
+        self._steps[self._next].copy_(logical)
+        self._next = (self._next + 1) % self.window_size
+        self.num_recorded += 1
+
+    def total(self) -> torch.Tensor:
+        """Logical load summed over the window, ``[L, E]`` int64."""
+        return self._steps.sum(dim=0)
