@@ -6,7 +6,7 @@ the unmoved reference bit for bit; no blocking collective runs inside
 the planned placement, the workspace holds what the maps say, and all ranks
 agree on the maps and on the steps at which layers committed.
 
-Usage: eplb_state_toy.py --mode async|sync [--fail-planning-rank R] [--json P]
+Usage: eplb_state_toy.py --mode async|sync [--fail-planning-rank R] [--out-dir D]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("async", "sync"), default="async")
     parser.add_argument("--steps", type=int, default=90)
     parser.add_argument("--fail-planning-rank", type=int, default=-1)
-    parser.add_argument("--json", default="")
+    parser.add_argument("--out-dir", default="", help="writes rank<r>.json there")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -187,8 +187,8 @@ def main() -> None:
         "commit_log": commit_log,
     }
     print("RESULT", json.dumps(result), flush=True)
-    if args.json and rank == 0:
-        with open(args.json, "w") as f:
+    if args.out_dir:
+        with open(os.path.join(args.out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     state.shutdown()
     dist.barrier()
