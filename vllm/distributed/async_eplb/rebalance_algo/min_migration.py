@@ -223,12 +223,19 @@ def _set_slot(
 
 
 @_jit
-def _fill_loads(weight, row, count, slots_per_rank, load, slot_load):
+def _fill_loads(
+    weight, row, count, slots_per_rank, load, slot_load, share_up, dilution
+):
+    """Per-rank and per-slot load, and per expert the share one more replica
+    would carry and how much each existing replica would shed."""
     load[:] = 0.0
     for slot in range(row.shape[0]):
         expert = row[slot]
         slot_load[slot] = weight[expert] / count[expert]
         load[slot // slots_per_rank] += slot_load[slot]
+    for expert in range(count.shape[0]):
+        share_up[expert] = weight[expert] / (count[expert] + 1)
+        dilution[expert] = weight[expert] / count[expert] - share_up[expert]
 
 
 @_jit
@@ -239,6 +246,8 @@ def _align_counts(
     holders,
     load,
     slot_load,
+    share_up,
+    dilution,
     delta,
     marked,
     touched,
@@ -297,7 +306,9 @@ def _align_counts(
             best_slot,
             best_expert,
         )
-        _fill_loads(weight, row, count, slots_per_rank, load, slot_load)
+        _fill_loads(
+            weight, row, count, slots_per_rank, load, slot_load, share_up, dilution
+        )
 
 
 @_jit
@@ -326,7 +337,9 @@ def _repair_layer(
         on_node[rank // ranks_per_node, expert] += 1
     load = np.zeros(num_ranks)
     slot_load = np.zeros(num_slots)
-    _fill_loads(weight, row, count, slots_per_rank, load, slot_load)
+    share_up = np.zeros(num_experts)
+    dilution = np.zeros(num_experts)
+    _fill_loads(weight, row, count, slots_per_rank, load, slot_load, share_up, dilution)
     delta = np.zeros(num_ranks)
     marked = np.zeros(num_ranks, np.bool_)
     touched = np.empty(2 * max_count + 2, np.int64)
@@ -393,11 +406,8 @@ def _repair_layer(
             for expert in range(num_experts):
                 if expert == mine or (aligned and count[expert] >= goal_count[expert]):
                     continue
-                share = weight[expert] / (count[expert] + 1)
                 relief = (
-                    shed
-                    - share
-                    - on_rank[hot, expert] * (weight[expert] / count[expert] - share)
+                    shed - share_up[expert] - on_rank[hot, expert] * dilution[expert]
                 )
                 if relief <= 0.0:
                     continue
@@ -439,10 +449,7 @@ def _repair_layer(
                     aligned and count[expert] >= goal_count[expert]
                 ):
                     continue
-                relief = on_rank[hot, expert] * (
-                    weight[expert] / count[expert]
-                    - weight[expert] / (count[expert] + 1)
-                )
+                relief = on_rank[hot, expert] * dilution[expert]
                 newness = _newness_change(on_rank, was_on_rank, rank, expert, theirs)
                 cost = _move_cost(newness, on_node[node, expert] == 0)
                 if (min(relief, hot_excess) + other_excess) <= best_score * cost:
@@ -476,6 +483,8 @@ def _repair_layer(
                 holders,
                 load,
                 slot_load,
+                share_up,
+                dilution,
                 delta,
                 marked,
                 touched,
@@ -525,7 +534,9 @@ def _repair_layer(
                 best_slot,
                 best_other,
             )
-        _fill_loads(weight, row, count, slots_per_rank, load, slot_load)
+        _fill_loads(
+            weight, row, count, slots_per_rank, load, slot_load, share_up, dilution
+        )
     return row, load.max() <= target
 
 
