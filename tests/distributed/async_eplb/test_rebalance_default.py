@@ -293,3 +293,20 @@ def test_warm_up_kernels_reports_whether_numba_runs(monkeypatch):
     assert default.warm_up_kernels() == default.numba_available()
     monkeypatch.setattr(default, "_numba_kernels", lambda: None)
     assert default.warm_up_kernels() is False
+
+
+@pytest.mark.vllm
+def test_identical_to_vllm_for_strided_load(vllm_policy):
+    """A transposed (strided) float32 load sums its groups in another order
+    than a contiguous copy would, so float32 group sums differ in the last
+    bit; the result still matches because the same array is summed."""
+    rng = np.random.default_rng(2)
+    weight = torch.from_numpy((rng.random((256, 58)) * 1e6).astype(np.float32)).t()
+    strided = weight.numpy().reshape(58, 8, 32).sum(-1)
+    contiguous = np.ascontiguousarray(weight.numpy()).reshape(58, 8, 32).sum(-1)
+    assert not np.array_equal(strided, contiguous)  # the case is a real one
+    for args in [(288, 8, 4, 32), (288, 8, 2, 16)]:
+        expected = vllm_policy.rebalance_experts(weight, *args)
+        assert torch.equal(rebalance_experts(weight, *args), expected)
+        for use_numba in numba_modes():
+            assert torch.equal(ours(Case(weight, *args, None), use_numba), expected)
