@@ -26,6 +26,7 @@ import torch.distributed as dist
 __all__ = [
     "BlockingCollectiveCounter",
     "NonBlockingVote",
+    "VoteError",
     "VoteResult",
     "VoteTimeout",
     "private_gloo_group",
@@ -34,7 +35,11 @@ __all__ = [
 _POLL_S = 0.0002
 
 
-class VoteTimeout(RuntimeError):
+class VoteError(RuntimeError):
+    """A vote failed (a peer died) or timed out: the caller aborts."""
+
+
+class VoteTimeout(VoteError):
     """A vote was still incomplete ``timeout_s`` after its due step."""
 
 
@@ -98,7 +103,8 @@ class NonBlockingVote:
         """Votes due at or before ``step``, in launch order.
 
         Waits only for a vote not yet complete (counted in ``blocking_waits``);
-        raises ``VoteTimeout`` if it stays incomplete for ``timeout_s``.
+        raises ``VoteTimeout`` if it stays incomplete for ``timeout_s``, and
+        ``VoteError`` if the all-reduce failed (a peer died).
         """
         results = []
         while self._pending and self._pending[0].due_at <= step:
@@ -114,9 +120,15 @@ class NonBlockingVote:
                             f"step {item.due_at}"
                         )
                     time.sleep(_POLL_S)
-            if item.work is not None:
-                item.work.wait()
             self._pending.popleft()
+            if item.work is not None:
+                try:
+                    item.work.wait()
+                except RuntimeError as exc:
+                    raise VoteError(
+                        f"{item.kind} vote launched at step {item.launched_at} "
+                        f"failed: {exc}"
+                    ) from exc
             results.append(
                 VoteResult(item.kind, item.launched_at, item.tensor, item.context)
             )

@@ -36,8 +36,8 @@ import torch.distributed as dist
 
 from vllm.distributed.async_eplb.agreement import (
     NonBlockingVote,
+    VoteError,
     VoteResult,
-    VoteTimeout,
     private_gloo_group,
 )
 from vllm.distributed.async_eplb.config import AsyncEplbConfig
@@ -458,8 +458,8 @@ class EplbState:
         target = self.step_count if self.is_async else float("inf")
         try:
             results = self._vote.collect(int(min(target, 2**62)))
-        except VoteTimeout as exc:
-            self._abort(f"vote timed out: {exc}", local=True)
+        except VoteError as exc:
+            self._abort(f"vote failed: {exc}", local=True)
             return
         for result in results:
             handler = {

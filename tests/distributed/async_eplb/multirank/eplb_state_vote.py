@@ -1,0 +1,51 @@
+"""torchrun script (2 ranks): votes sum over ranks, are read D steps later
+without any blocking collective, and a vote one rank never joins times out."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from vllm.distributed.async_eplb.agreement import (
+    BlockingCollectiveCounter,
+    NonBlockingVote,
+    VoteTimeout,
+    private_gloo_group,
+)
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    group = private_gloo_group([0, 1], [(0, 1)])
+    vote = NonBlockingVote(group, delay=2, timeout_s=2.0)
+    counter = BlockingCollectiveCounter()
+    seen = []
+    with counter.installed():
+        for step in range(6):
+            vote.launch(step, "ready", torch.tensor([rank + 1, step]))
+            seen += [(r.launched_at, r.total.tolist()) for r in vote.collect(step)]
+    assert counter.count == 0, counter.by_name
+    assert seen == [(s, [3, 2 * s]) for s in range(4)], seen
+    vote.drain()
+    dist.barrier()
+    if rank == 0:  # rank 1 never joins this one
+        vote.launch(100, "ready", torch.tensor([1]))
+        try:
+            vote.collect(102)
+        except VoteTimeout as exc:
+            assert "still incomplete" in str(exc)
+        else:
+            raise AssertionError("expected a VoteTimeout")
+    else:
+        time.sleep(4.0)  # alive but never joining: rank 0 must time out
+    print(f"VOTE OK rank {rank}", flush=True)
+    import os
+
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The non-blocking vote and the blocking-collective counter (2 gloo ranks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchrun_util import run_torchrun
+
+from vllm.distributed.async_eplb.agreement import (
+    BlockingCollectiveCounter,
+    NonBlockingVote,
+)
+
+SCRIPT = Path(__file__).parent / "multirank" / "eplb_state_vote.py"
+
+
+def test_single_rank_vote_is_read_exactly_delay_steps_later() -> None:
+    vote = NonBlockingVote(None, delay=2, timeout_s=1.0)
+    vote.launch(5, "ready", torch.tensor([1, 2]), context="c")
+    assert vote.collect(6) == []
+    (result,) = vote.collect(7)
+    assert (result.kind, result.launched_at, result.context) == ("ready", 5, "c")
+    assert result.total.tolist() == [1, 2]
+    assert vote.num_pending == 0 and vote.blocking_waits == 0
+
+
+def test_votes_come_back_in_launch_order() -> None:
+    vote = NonBlockingVote(None, delay=1, timeout_s=1.0)
+    for step in range(3):
+        vote.launch(step, f"k{step}", torch.tensor([step]))
+    assert [r.kind for r in vote.collect(10)] == ["k0", "k1", "k2"]
+
+
+@pytest.mark.parametrize(("delay", "timeout"), [(0, 1.0), (1, 0.0)])
+def test_bad_arguments(delay: int, timeout: float) -> None:
+    with pytest.raises(ValueError, match=str(delay) if delay < 1 else "timeout"):
+        NonBlockingVote(None, delay=delay, timeout_s=timeout)
+
+
+def test_counter_counts_only_blocking_calls_of_its_thread() -> None:
+    import torch.distributed as dist
+
+    counter = BlockingCollectiveCounter()
+    original = dist.all_reduce
+    calls = []
+    dist.all_reduce = lambda *a, **k: calls.append(k)  # no process group needed
+    try:
+        with counter.installed():
+            dist.all_reduce(torch.zeros(1))
+            dist.all_reduce(torch.zeros(1), async_op=True)
+        dist.all_reduce(torch.zeros(1))  # uninstalled: not counted
+    finally:
+        dist.all_reduce = original
+    assert counter.count == 1 and counter.by_name == {"all_reduce": 1}
+    assert len(calls) == 3
+
+
+@pytest.mark.multirank
+def test_two_ranks_agree_and_time_out_together() -> None:
+    proc = run_torchrun(SCRIPT, 2, timeout=120)
+    assert proc.stdout.count("VOTE OK") == 2, proc.stdout[-2000:]
