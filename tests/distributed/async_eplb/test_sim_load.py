@@ -71,7 +71,7 @@ def test_synthetic_load_is_a_function_of_seed():
 
 @pytest.mark.parametrize(("skew", "period"), [(-1.0, 10), (float("nan"), 10), (1, 0)])
 def test_synthetic_load_rejects_bad_parameters(skew, period):
-    with pytest.raises(ValueError, match="skew|drift_period"):
+    with pytest.raises(ValueError, match=r"skew|drift_period"):
         SyntheticLoad(2, 8, seed=0, skew=skew, drift_period=period)
 
 
@@ -92,15 +92,15 @@ def test_read_trace_reads_a_2d_npy_as_one_layer(tmp_path):
 
 
 def test_read_trace_errors_name_the_file(tmp_path):
-    with pytest.raises(ValueError, match="not found: .*missing.npz"):
+    with pytest.raises(ValueError, match=r"not found: .*missing\.npz"):
         read_trace(tmp_path / "missing.npz")
     bad = tmp_path / "bad.npy"
     np.save(bad, -np.ones((2, 3, 4)))
-    with pytest.raises(ValueError, match="bad.npy has negative"):
+    with pytest.raises(ValueError, match=r"bad\.npy has negative"):
         read_trace(bad)
     text = tmp_path / "t.csv"
     text.write_text("1,2\n")
-    with pytest.raises(ValueError, match="t.csv must be a .npz or .npy"):
+    with pytest.raises(ValueError, match=r"t\.csv must be a \.npz or \.npy"):
         read_trace(text)
     mixed = tmp_path / "mixed.npz"
     np.savez(mixed, a=np.ones((2, 3, 4)), b=np.ones((2, 3, 5)))

@@ -208,14 +208,15 @@ class TraceLoad:
         self.num_layers = num_layers
         self.num_experts = num_experts
         windows, layers, experts = raw.shape
+        if experts != num_experts or num_layers > layers:
+            geometry = f", mapped to {num_layers} x {num_experts}"
+        elif num_layers < layers:
+            geometry = f", first {num_layers} layers"
+        else:
+            geometry = ""
         self.description = (
             f"trace {Path(path).name} ({windows} windows x {layers} layers x "
-            f"{experts} experts"
-            + (
-                ")"
-                if (layers, experts) == (num_layers, num_experts)
-                else f", mapped to {num_layers} x {num_experts})"
-            )
+            f"{experts} experts{geometry})"
         )
 
     def probabilities(self, step: int) -> torch.Tensor:

@@ -1,13 +1,14 @@
 """Model geometry presets for the simulated deployment, from the real configs.
 
 Only the MoE geometry matters to EPLB: layers, routed experts, groups, top-k and
-the size of one expert. Expert matrices are shrunk by ``scale`` per dimension
-so that a laptop holds them; they stay real tensors that really move.
+the size of one expert. Experts are shrunk to ``scale`` of their real number of
+elements so that a laptop holds them; they stay real tensors that really move.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 __all__ = ["PRESETS", "ModelPreset", "get_preset"]
@@ -25,30 +26,32 @@ class ModelPreset:
     hidden_size: int
     moe_intermediate_size: int
 
-    def scaled(self, scale: float, num_layers: int | None = None) -> ModelPreset:
-        """This geometry with each expert dimension multiplied by ``scale``.
+    def with_layers(self, num_layers: int | None) -> ModelPreset:
+        """The first ``num_layers`` MoE layers (all when None).
 
-        ``num_layers`` keeps only the first layers, so a short run on a small
-        machine still has the model's real expert count and top-k.
+        A short run on a small machine keeps the model's real expert count,
+        groups and top-k; only the depth shrinks.
         """
-        if not 0.0 < scale <= 1.0:
-            raise ValueError(f"scale must be in (0, 1], got {scale}")
-        layers = self.num_moe_layers if num_layers is None else num_layers
-        if not 1 <= layers <= self.num_moe_layers:
+        if num_layers is None:
+            return self
+        if not 1 <= num_layers <= self.num_moe_layers:
             raise ValueError(
                 f"layers must be in [1, {self.num_moe_layers}] for {self.name}, "
-                f"got {layers}"
+                f"got {num_layers}"
             )
-        return dataclasses.replace(
-            self,
-            num_moe_layers=layers,
-            hidden_size=max(1, round(self.hidden_size * scale)),
-            moe_intermediate_size=max(1, round(self.moe_intermediate_size * scale)),
-        )
+        return dataclasses.replace(self, num_moe_layers=num_layers)
 
-    def expert_numel(self) -> int:
-        """Elements of one expert: gate and up projections plus down projection."""
+    @property
+    def expert_params(self) -> int:
+        """Elements of one real expert: gate and up projections plus down."""
         return 3 * self.hidden_size * self.moe_intermediate_size
+
+    def toy_hidden_size(self, scale: float) -> int:
+        """Side H of a toy expert (an H x H matrix) holding ``scale`` of the
+        real expert's elements: the bytes that move shrink by ``scale``."""
+        if not 0.0 < scale <= 1.0:
+            raise ValueError(f"scale must be in (0, 1], got {scale}")
+        return max(4, round(math.sqrt(scale * self.expert_params)))
 
 
 PRESETS: dict[str, ModelPreset] = {

@@ -17,6 +17,7 @@ __all__ = [
     "SimulationResult",
     "format_summary",
     "percentile",
+    "rolling_mean",
     "summarize",
     "write_json",
     "write_plot",
@@ -58,6 +59,17 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100.0 * len(ordered)))
     return ordered[rank - 1]
+
+
+def rolling_mean(values: list[float], width: int) -> list[float]:
+    """Mean of each value and the ``width - 1`` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= width:
+            total -= values[i - width]
+        out.append(total / min(i + 1, width))
+    return out
 
 
 def _mean(values: list[float]) -> float:
@@ -197,9 +209,13 @@ def write_plot(path: Path, result: SimulationResult) -> bool:
         return False
     steps = range(len(result.balancedness))
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(10, 6))
-    top.plot(steps, result.balancedness_unmoved, color="0.6", label="never moved")
-    top.plot(steps, result.balancedness, color="tab:blue", label="async EPLB")
-    top.set_ylabel("balancedness (mean/max)")
+    for series, color, label in (
+        (result.balancedness_unmoved, "0.5", "placement never moved"),
+        (result.balancedness, "tab:blue", f"EPLB ({result.config.get('mode')})"),
+    ):
+        top.plot(steps, series, color=color, alpha=0.3, linewidth=0.7)
+        top.plot(steps, rolling_mean(series, 8), color=color, label=label)
+    top.set_ylabel("balancedness (mean/max)\nper step, 8-step mean")
     top.set_ylim(0, 1.02)
     bottom.plot(
         steps, [1e3 * t for t in result.step_seconds], color="0.6", label="whole step"

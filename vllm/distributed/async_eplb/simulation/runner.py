@@ -1,0 +1,460 @@
+"""One rank of the simulated deployment: EplbState under a toy MoE decode loop.
+
+Each step does what vLLM's GPU model runner does around a forward pass:
+``prepare_forward``, the forward (routing through EPLB's maps and recording
+load), then ``EplbState.step()``. Every step's output is hashed, and after the
+loop each rank recomputes a share of the steps on the unmoved reference and
+compares: the check is exact but stays out of the timed loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from vllm.distributed.async_eplb.config import POLICIES
+from vllm.distributed.async_eplb.load_stats import balancedness, tokens_per_rank
+from vllm.distributed.async_eplb.simulation.load import (
+    SHIPPED_TRACE,
+    LoadSource,
+    SyntheticLoad,
+    TraceLoad,
+    read_trace,
+    sample_routing,
+    step_generator,
+)
+from vllm.distributed.async_eplb.simulation.presets import ModelPreset, get_preset
+from vllm.distributed.async_eplb.simulation.report import SimulationResult
+from vllm.distributed.async_eplb.simulation.toy_moe import ToyMoE
+from vllm.distributed.async_eplb.transports import TRANSPORT_NAMES
+
+__all__ = ["SimConfig", "run_rank"]
+
+MODES = ("async", "sync")
+LOADS = ("auto", "synthetic", "trace")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything one run needs; ``validate`` refuses bad values with one line."""
+
+    preset: str = "deepseek-v2-lite"
+    layers: int | None = 4
+    ranks: int = 4
+    redundant: int = 16
+    steps: int = 260
+    step_interval: int = 32
+    window: int = 32
+    tokens: int = 128
+    scale: float = 4e-3
+    policy: str = "min_migration"
+    transport: str = "auto"
+    mode: str = "async"
+    load: str = "auto"
+    trace: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "eplb-sim-out"
+
+    @property
+    def model(self) -> ModelPreset:
+        return get_preset(self.preset).with_layers(self.layers)
+
+    @property
+    def trace_path(self) -> Path:
+        return Path(self.trace) if self.trace is not None else SHIPPED_TRACE
+
+    def uses_trace(self) -> bool:
+        """``auto`` replays the shipped trace only where its geometry fits."""
+        if self.load != "auto":
+            return self.load == "trace"
+        if self.trace is not None:
+            return True
+        model = self.model
+        return (
+            SHIPPED_TRACE.is_file()
+            and model.num_routed_experts == 64
+            and model.num_moe_layers <= 26
+        )
+
+    def validate(self) -> None:
+        model = self.model  # unknown preset, layers out of range
+        model.toy_hidden_size(self.scale)
+        positive = {
+            "ranks": self.ranks,
+            "steps": self.steps,
+            "step-interval": self.step_interval,
+            "window": self.window,
+            "tokens": self.tokens,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"--{name} must be > 0, got {value}")
+        if self.redundant < 0:
+            raise ValueError(f"--redundant must be >= 0, got {self.redundant}")
+        slots = model.num_routed_experts + self.redundant
+        if slots % self.ranks:
+            raise ValueError(
+                f"{slots} physical slots ({model.num_routed_experts} experts + "
+                f"{self.redundant} redundant) are not divisible by "
+                f"--ranks {self.ranks}"
+            )
+        if self.policy not in POLICIES:
+            raise ValueError(f"--policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.transport not in TRANSPORT_NAMES:
+            raise ValueError(
+                f"--transport must be one of {TRANSPORT_NAMES}, got {self.transport!r}"
+            )
+        if self.transport == "ipc" and self.device != "cuda":
+            raise ValueError("--transport ipc needs --device cuda")
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
+        if self.load not in LOADS:
+            raise ValueError(f"--load must be one of {LOADS}, got {self.load!r}")
+        if self.uses_trace():
+            read_trace(self.trace_path)  # missing or malformed trace
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.device == "cuda":
+            found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if found < self.ranks:
+                raise ValueError(
+                    f"--device cuda needs one GPU per rank: --ranks {self.ranks}, "
+                    f"found {found} CUDA devices"
+                )
+
+    def to_json(self) -> dict[str, Any]:
+        model = self.model
+        return {
+            **asdict(self),
+            "layers": model.num_moe_layers,
+            "experts": model.num_routed_experts,
+            "expert_groups": model.num_expert_groups,
+            "top_k": model.top_k,
+            "toy_hidden_size": model.toy_hidden_size(self.scale),
+            "load_description": self.make_load().description,
+        }
+
+    def make_load(self) -> LoadSource:
+        model = self.model
+        if self.uses_trace():
+            return TraceLoad(
+                self.trace_path,
+                model.num_moe_layers,
+                model.num_routed_experts,
+                num_steps=self.steps,
+                seed=self.seed,
+            )
+        return SyntheticLoad(
+            model.num_moe_layers,
+            model.num_routed_experts,
+            seed=self.seed,
+            drift_period=self.steps,
+        )
+
+
+def routed_balancedness(
+    topk_ids: torch.Tensor,
+    log2phy: torch.Tensor,
+    logcnt: torch.Tensor,
+    num_ranks: int,
+) -> float:
+    """Balancedness of one batch under the given maps (vLLM's mean/max).
+
+    Routes as the toy's router does, token t taking replica ``t mod count``,
+    so this is the load the ranks really get, computed on one rank without
+    gathering the per-rank records.
+    """
+    num_layers, num_tokens, top_k = topk_ids.shape
+    log2phy, logcnt = log2phy.to("cpu"), logcnt.to("cpu", torch.int64)
+    counts = torch.gather(logcnt, 1, topk_ids.reshape(num_layers, -1))
+    token = torch.arange(num_tokens).repeat_interleave(top_k).expand(num_layers, -1)
+    replica = token % counts.clamp_min(1)
+    layer = torch.arange(num_layers).unsqueeze(1)
+    slots = log2phy[layer, topk_ids.reshape(num_layers, -1), replica]
+    num_physical = int(logcnt[0].sum())
+    slot_load = torch.zeros(num_layers, num_physical, dtype=torch.int64)
+    slot_load.scatter_add_(1, slots, torch.ones_like(slots))
+    return balancedness(tokens_per_rank(slot_load, num_ranks))[2]
+
+
+def output_digest(output: torch.Tensor) -> str:
+    """Exact fingerprint of a step's output (``+ 0.0`` folds -0.0 into 0.0)."""
+    data = (output.detach().to("cpu") + 0.0).contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class EplbConfigStandIn:
+    """The fields of vLLM's ``EPLBConfig`` that EplbState reads."""
+
+    window_size: int
+    step_interval: int
+    num_redundant_experts: int
+    use_async: bool
+    log_balancedness: bool = False
+    log_balancedness_interval: int = 1
+
+
+@dataclass(frozen=True)
+class ParallelConfigStandIn:
+    """The fields of vLLM's ``ParallelConfig`` that EplbState reads.
+
+    Stand-ins, not vLLM's pydantic configs: the simulator runs where vLLM is
+    not installed, and importing vLLM would cost seconds per rank.
+    """
+
+    eplb_config: EplbConfigStandIn
+    enable_eplb: bool = True
+    enable_elastic_ep: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfigStandIn:
+    """vLLM's ``ModelConfig`` as EplbState sees it: a name and a hash."""
+
+    model: str
+
+    def compute_hash(self) -> str:
+        return hashlib.sha256(self.model.encode()).hexdigest()
+
+
+class _Progress:
+    """Rank 0's progress bar: tqdm when installed, else a line every 5%."""
+
+    def __init__(self, total: int) -> None:
+        self._total = total
+        self._last_line = -1
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self._bar = None
+        else:
+            self._bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, status: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(status, refresh=False)
+            self._bar.update(1)
+            return
+        percent = 100 * (step + 1) // self._total
+        if percent // 5 != self._last_line or step + 1 == self._total:
+            self._last_line = percent // 5
+            print(f"step {step + 1}/{self._total} ({percent}%) {status}", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _rebalance_status(eplb: Any) -> tuple[bool, int, int]:
+    """(in flight, layers committed, layers to commit) of the current rebalance."""
+    for state in eplb.model_states.values():
+        if state.rebalanced:
+            total = len(state.plan.changed_layers)
+            return True, total - len(state.pending_layers), total
+    return False, 0, 0
+
+
+def _build(
+    config: SimConfig, rank: int, device: torch.device
+) -> tuple[ToyMoE, Any, ModelConfigStandIn]:
+    """The model and EplbState, set up in the model runner's order."""
+    from vllm.distributed.async_eplb.config import AsyncEplbConfig
+    from vllm.distributed.async_eplb.eplb_state import EpGroupInfo, EplbState
+
+    preset = config.model
+    model = ToyMoE(
+        num_layers=preset.num_moe_layers,
+        num_logical_experts=preset.num_routed_experts,
+        num_redundant_experts=config.redundant,
+        num_ranks=config.ranks,
+        rank=rank,
+        hidden_size=preset.toy_hidden_size(config.scale),
+        top_k=preset.top_k,
+        device=device,
+        seed=config.seed,
+    )
+    # The placement policy groups experts as the real model does.
+    model.num_expert_groups = preset.num_expert_groups
+    parallel_config = ParallelConfigStandIn(
+        EplbConfigStandIn(
+            window_size=config.window,
+            step_interval=config.step_interval,
+            num_redundant_experts=config.redundant,
+            use_async=config.mode == "async",
+        )
+    )
+    model_config = ModelConfigStandIn(f"toy-{preset.name}")
+    # Without vLLM's parallel state the EP group is the whole world; our knobs
+    # are given directly instead of through VLLM_ASYNC_EPLB_* variables.
+    eplb = EplbState(
+        parallel_config,
+        device,
+        ep_group=EpGroupInfo.whole_world(),
+        config=AsyncEplbConfig(policy=config.policy, transport=config.transport),
+    )
+    eplb.add_model(model, model_config)
+    if eplb.is_async:
+        eplb.start_async_loop()
+    eplb.step(is_dummy=True, is_profile=True)  # vLLM's profile run
+    return model, eplb, model_config
+
+
+def _verify(
+    config: SimConfig, model: ToyMoE, digests: list[str], rank: int
+) -> tuple[int, int]:
+    """(checked, matched) over this rank's share of the steps."""
+    load = config.make_load()
+    checked = matched = 0
+    preset = config.model
+    for step in range(rank, config.steps, config.ranks):
+        ids = sample_routing(
+            load.probabilities(step),
+            config.tokens,
+            preset.top_k,
+            step_generator(config.seed, step),
+        )
+        checked += 1
+        matched += output_digest(model.reference_forward(ids)) == digests[step]
+    return checked, matched
+
+
+def run_rank(
+    rank: int, config: SimConfig, init_method: str, *, show_progress: bool = True
+) -> SimulationResult | None:
+    """One EP rank, from process-group set-up to shutdown; rank 0 gets the result."""
+    if config.device == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=config.ranks
+    )
+    try:
+        return _loop(rank, config, device, show_progress and rank == 0)
+    finally:
+        dist.destroy_process_group()
+
+
+def _loop(
+    rank: int, config: SimConfig, device: torch.device, show_progress: bool
+) -> SimulationResult | None:
+    model, eplb, model_config = _build(config, rank, device)
+    preset = config.model
+    load = config.make_load()
+    maps = next(iter(eplb.model_states.values())).maps
+    unmoved = (maps.log2phy.to("cpu").clone(), maps.logcnt.to("cpu").clone())
+    previous = maps.phy2log.to("cpu").clone()
+    progress = _Progress(config.steps) if show_progress else None
+    series: dict[str, list[Any]] = {
+        k: []
+        for k in (
+            "balancedness",
+            "balancedness_unmoved",
+            "step_seconds",
+            "eplb_seconds",
+            "in_rebalance",
+            "committed_layers",
+        )
+    }
+    digests: list[str] = []
+    try:
+        for step in range(config.steps):
+            ids = sample_routing(
+                load.probabilities(step),
+                config.tokens,
+                preset.top_k,
+                step_generator(config.seed, step),
+            )
+            if rank == 0:
+                series["balancedness"].append(
+                    routed_balancedness(ids, maps.log2phy, maps.logcnt, config.ranks)
+                )
+                series["balancedness_unmoved"].append(
+                    routed_balancedness(ids, *unmoved, config.ranks)
+                )
+            busy_before = _rebalance_status(eplb)[0]
+            start = time.perf_counter()
+            eplb.prepare_forward(model_config, config.tokens)
+            output = model.forward(ids)
+            eplb_start = time.perf_counter()
+            eplb.step(is_dummy=False, is_profile=False, log_stats=False)
+            end = time.perf_counter()
+            digests.append(output_digest(output))
+            current = maps.phy2log.to("cpu")
+            committed = int((current != previous).any(dim=1).sum())
+            previous.copy_(current)
+            busy, done, total = _rebalance_status(eplb)
+            series["step_seconds"].append(end - start)
+            series["eplb_seconds"].append(end - eplb_start)
+            series["in_rebalance"].append(busy_before or busy or committed > 0)
+            series["committed_layers"].append(committed)
+            if progress is not None:
+                status = f"balancedness {series['balancedness'][-1]:.3f}"
+                if busy:
+                    status += f", rebalancing: {done}/{total} layers committed"
+                progress.update(step, status)
+    finally:
+        if progress is not None:
+            progress.close()
+        eplb.shutdown()
+    checked, matched = _verify(config, model, digests, rank)
+    return _gather(rank, config, eplb, series, checked, matched)
+
+
+def _gather(
+    rank: int,
+    config: SimConfig,
+    eplb: Any,
+    series: dict[str, list[Any]],
+    checked: int,
+    matched: int,
+) -> SimulationResult | None:
+    """Combine the ranks on rank 0: slowest rank per step, counters summed."""
+    counters = eplb.counters
+    mine = {
+        "step_seconds": series["step_seconds"],
+        "eplb_seconds": series["eplb_seconds"],
+        "checked": checked,
+        "matched": matched,
+        "bytes_moved": counters.bytes_moved,
+        "staging_seconds": sum(counters.staging_seconds),
+        "commit_seconds": sum(counters.commit_seconds),
+    }
+    gathered: list[Any] = [None] * config.ranks if rank == 0 else []
+    dist.gather_object(mine, gathered if rank == 0 else None, dst=0)
+    if rank != 0:
+        return None
+
+    def slowest(key: str) -> list[float]:
+        return [max(values) for values in zip(*(g[key] for g in gathered), strict=True)]
+
+    return SimulationResult(
+        config=config.to_json(),
+        balancedness=series["balancedness"],
+        balancedness_unmoved=series["balancedness_unmoved"],
+        step_seconds=slowest("step_seconds"),
+        eplb_seconds=slowest("eplb_seconds"),
+        in_rebalance=series["in_rebalance"],
+        committed_layers=series["committed_layers"],
+        outputs_checked=sum(g["checked"] for g in gathered),
+        outputs_matched=sum(g["matched"] for g in gathered),
+        counters={
+            "rebalances": counters.rebalances,
+            "skips": counters.skips,
+            "aborts": counters.aborts,
+            "bytes_moved": sum(g["bytes_moved"] for g in gathered),
+            "staging_seconds_max_rank": max(g["staging_seconds"] for g in gathered),
+            "commit_seconds_max_rank": max(g["commit_seconds"] for g in gathered),
+        },
+    )
