@@ -175,12 +175,19 @@ class EplbModelState:
         return self.plan is not None
 
 
+def _initial_row(num_routed_experts: int, num_redundant_experts: int) -> list[int]:
+    """vLLM's initial placement: experts in order, then redundant ``i % E``.
+
+    vLLM's weight loader fills the physical slots by this rule, so the maps
+    must start from it.
+    """
+    row = list(range(num_routed_experts))
+    return row + [i % num_routed_experts for i in range(num_redundant_experts)]
+
+
 def _initial_phy2log(model: Any) -> torch.Tensor:
-    """vLLM's initial placement: experts in order, then redundant ``i % E``."""
-    num_logical = model.num_logical_experts
-    row = list(range(model.num_routed_experts))
-    row += [i % model.num_routed_experts for i in range(model.num_redundant_experts)]
-    if len(row) != model.num_physical_experts or max(row) >= num_logical:
+    row = _initial_row(model.num_routed_experts, model.num_redundant_experts)
+    if len(row) != model.num_physical_experts or max(row) >= model.num_logical_experts:
         raise ValueError(
             f"model has {model.num_physical_experts} physical experts but "
             f"{model.num_routed_experts} routed + {model.num_redundant_experts} "
@@ -238,6 +245,13 @@ class EplbState:
         self._async_started = False
 
     # -- set-up ------------------------------------------------------------
+    @staticmethod
+    def build_initial_global_physical_to_logical_map(
+        num_routed_experts: int, num_redundant_experts: int
+    ) -> Sequence[int]:
+        """Initial ``phy2log`` row (vLLM's weight loader relies on it)."""
+        return _initial_row(num_routed_experts, num_redundant_experts)
+
     @property
     def ep(self) -> EpGroupInfo:
         if self._ep_group is None:
