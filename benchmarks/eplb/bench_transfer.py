@@ -274,7 +274,7 @@ def measure_worker(ctx, name: str) -> dict:
                 committed += 1
             if worker.error is not None:
                 raise worker.error
-            time.sleep(0.0005)
+            time.sleep(0.002)  # one agreement poll per "engine step"
         backend.synchronize()
         times.append(max_over_ranks(time.perf_counter() - start))
         worker.stop()

@@ -1,9 +1,10 @@
-"""Batched point-to-point staging: one message per peer per layer.
+"""Batched point-to-point staging: one batch per layer, few large messages.
 
 The experts one rank sends to a peer are packed, all weight tensors included,
-into consecutive ``row_bytes`` rows; the receiver takes them straight into its
-staging rows when their target slots are consecutive, else into scratch rows
-that it then spreads out (a per-tensor message is about half as fast).
+into ``row_bytes`` rows (a per-tensor message is about half as fast). Each run
+of consecutive target slots on the receiver is one message that lands straight
+in its staging rows, so a peer whose experts go to consecutive slots costs one
+message and the receiver copies nothing.
 """
 
 from __future__ import annotations
@@ -137,14 +138,10 @@ class P2PTransport(Transport):
         if not sends and not recvs:
             return 0
         layout = RowLayout.of(weights)
-        direct = {
-            p: packed is not None and _consecutive([t.dst_slots[0] for t in ts])
-            for p, ts in recvs.items()
-        }
-        scratch_rows = sum(map(len, sends.values())) + sum(
-            len(ts) for p, ts in recvs.items() if not direct[p]
+        recv_scratch = 0 if packed is not None else sum(map(len, recvs.values()))
+        scratch = self._scratch_rows(
+            sum(map(len, sends.values())) + recv_scratch, layout.row_bytes
         )
-        scratch = self._scratch_rows(scratch_rows, layout.row_bytes)
         messages: list[Message] = []
         cursor = 0
         for peer, ts in sends.items():
@@ -152,19 +149,22 @@ class P2PTransport(Transport):
             cursor += len(ts)
             runs = slot_runs(range(len(ts)), [t.src_slot for t in ts])
             copy_slot_runs(layout.views(rows), weights, runs)
-            messages.append(Message(True, peer, rows))
+            for offset, length in _message_spans(ts):
+                messages.append(Message(True, peer, rows[offset : offset + length]))
         spread: list[tuple[torch.Tensor, list[tuple[int, int, int]]]] = []
         for peer, ts in recvs.items():
-            first = ts[0].dst_slots[0]
-            if direct[peer]:
-                assert packed is not None
-                rows = packed[first : first + len(ts)]
-            else:
+            if packed is None:  # land in scratch rows, then spread to the slots
                 rows = scratch[cursor : cursor + len(ts)]
                 cursor += len(ts)
                 firsts = [t.dst_slots[0] for t in ts]
                 spread.append((rows, slot_runs(firsts, range(len(ts)))))
-            messages.append(Message(False, peer, rows))
+            for offset, length in _message_spans(ts):
+                if packed is None:
+                    target = rows[offset : offset + length]
+                else:  # straight into the staging rows
+                    first = ts[offset].dst_slots[0]
+                    target = packed[first : first + length]
+                messages.append(Message(False, peer, target))
         self._run(messages)
         for rows, runs in spread:
             copy_slot_runs(buffers, layout.views(rows), runs)
@@ -202,5 +202,18 @@ class P2PTransport(Transport):
         return self._scratch[:needed].view(num_rows, row_bytes)
 
 
-def _consecutive(slots: Sequence[int]) -> bool:
-    return list(slots) == list(range(slots[0], slots[0] + len(slots)))
+def _message_spans(transfers: Sequence[Transfer]) -> list[tuple[int, int]]:
+    """``(offset, length)`` of each message between one pair of ranks.
+
+    One message per run of consecutive target slots on the receiver, so it
+    lands straight in the staging rows: a single message per peer whenever
+    the targets are consecutive. A pure function of the plan, so sender and
+    receiver split alike.
+    """
+    spans: list[tuple[int, int]] = []
+    for i, t in enumerate(transfers):
+        if spans and t.dst_slots[0] == transfers[i - 1].dst_slots[0] + 1:
+            spans[-1] = (spans[-1][0], spans[-1][1] + 1)
+        else:
+            spans.append((i, 1))
+    return spans
