@@ -253,13 +253,45 @@ class _Progress:
             self._bar.close()
 
 
-def _rebalance_status(eplb: Any) -> tuple[bool, int, int]:
-    """(in flight, layers committed, layers to commit) of the current rebalance."""
-    for state in eplb.model_states.values():
-        if state.rebalanced:
-            total = len(state.plan.changed_layers)
-            return True, total - len(state.pending_layers), total
-    return False, 0, 0
+class _RebalanceTracker:
+    """Which steps a rebalance was in flight, from public EplbState state only.
+
+    A rebalance starts at the step whose ``step()`` triggered ``rearrange()``
+    (vLLM's ``expert_rearrangement_step`` is reset to 0 there) and ends at the
+    step whose counters record its outcome: committed, skipped or aborted. A
+    sync rebalance starts and ends within one step.
+    """
+
+    def __init__(self, eplb: Any) -> None:
+        self._eplb = eplb
+        self._outcomes = self._count_outcomes()
+        self._in_flight = False
+
+    def _count_outcomes(self) -> int:
+        counters = self._eplb.counters
+        return counters.rebalances + counters.skips + counters.aborts
+
+    def after_step(self) -> bool:
+        """Call after each ``step()``: was a rebalance in flight during it?"""
+        was_in_flight = self._in_flight
+        if self._eplb.expert_rearrangement_step == 0:
+            self._in_flight = was_in_flight = True
+        outcomes = self._count_outcomes()
+        if outcomes != self._outcomes:
+            self._outcomes = outcomes
+            self._in_flight = False
+        return was_in_flight
+
+    def status(self) -> str:
+        """Progress text: the layers committed so far in the one in flight."""
+        if not self._in_flight:
+            return ""
+        for state in self._eplb.model_states.values():
+            if state.rebalanced:
+                total = len(state.plan.changed_layers)
+                done = total - len(state.pending_layers)
+                return f", rebalancing: {done}/{total} layers committed"
+        return ", rebalancing: planning"
 
 
 def _build(
@@ -352,10 +384,14 @@ def _loop(
     model, eplb, model_config = _build(config, rank, device)
     preset = config.model
     load = config.make_load()
-    maps = next(iter(eplb.model_states.values())).maps
-    unmoved = (maps.log2phy.to("cpu").clone(), maps.logcnt.to("cpu").clone())
-    previous = maps.phy2log.to("cpu").clone()
+    # The router's views of EPLB's maps, committed in place, and vLLM's name
+    # for the placement itself.
+    log2phy, logcnt = model.logical_to_physical_map, model.logical_replica_count
+    phy2log = next(iter(eplb.model_states.values())).physical_to_logical_map
+    unmoved = (log2phy.to("cpu").clone(), logcnt.to("cpu").clone())
+    previous = phy2log.to("cpu").clone()
     progress = _Progress(config.steps) if show_progress else None
+    tracker = _RebalanceTracker(eplb)
     series: dict[str, list[Any]] = {
         k: []
         for k in (
@@ -378,12 +414,11 @@ def _loop(
             )
             if rank == 0:
                 series["balancedness"].append(
-                    routed_balancedness(ids, maps.log2phy, maps.logcnt, config.ranks)
+                    routed_balancedness(ids, log2phy, logcnt, config.ranks)
                 )
                 series["balancedness_unmoved"].append(
                     routed_balancedness(ids, *unmoved, config.ranks)
                 )
-            busy_before = _rebalance_status(eplb)[0]
             start = time.perf_counter()
             eplb.prepare_forward(model_config, config.tokens)
             output = model.forward(ids)
@@ -391,19 +426,19 @@ def _loop(
             eplb.step(is_dummy=False, is_profile=False, log_stats=False)
             end = time.perf_counter()
             digests.append(output_digest(output))
-            current = maps.phy2log.to("cpu")
+            current = phy2log.to("cpu")
             committed = int((current != previous).any(dim=1).sum())
             previous.copy_(current)
-            busy, done, total = _rebalance_status(eplb)
+            in_flight = tracker.after_step()
             series["step_seconds"].append(end - start)
             series["eplb_seconds"].append(end - eplb_start)
-            series["in_rebalance"].append(busy_before or busy or committed > 0)
+            series["in_rebalance"].append(in_flight)
             series["committed_layers"].append(committed)
             if progress is not None:
-                status = f"balancedness {series['balancedness'][-1]:.3f}"
-                if busy:
-                    status += f", rebalancing: {done}/{total} layers committed"
-                progress.update(step, status)
+                progress.update(
+                    step,
+                    f"balancedness {series['balancedness'][-1]:.3f}{tracker.status()}",
+                )
     finally:
         if progress is not None:
             progress.close()
