@@ -5,7 +5,6 @@ import torch
 
 from vllm.distributed.async_eplb.maps import (
     ExpertMaps,
-    commit_layer_maps,
     derive_logical_maps,
     max_replicas_for,
     validate_placement,
@@ -27,7 +26,9 @@ def reference_logical_maps(phy2log, num_logical, max_replicas):
 def random_placement(gen, num_layers, num_logical, num_physical):
     rows = []
     for _ in range(num_layers):
-        extra = torch.randint(0, num_logical, (num_physical - num_logical,), generator=gen)
+        extra = torch.randint(
+            0, num_logical, (num_physical - num_logical,), generator=gen
+        )
         row = torch.cat([torch.arange(num_logical), extra])
         rows.append(row[torch.randperm(num_physical, generator=gen)])
     return torch.stack(rows)
@@ -69,7 +70,9 @@ def test_max_replicas_for():
         (torch.tensor([[0, 1]]), 3, None, None, "2 physical slots cannot hold 3"),
     ],
 )
-def test_validation_names_bad_value(phy2log, num_logical, num_ranks, max_replicas, message):
+def test_validation_names_bad_value(
+    phy2log, num_logical, num_ranks, max_replicas, message
+):
     with pytest.raises(ValueError, match=message):
         validate_placement(phy2log, num_logical, num_ranks, max_replicas)
 
@@ -101,3 +104,32 @@ def test_bad_commit_changes_nothing():
         maps.commit_layer(0, torch.tensor([0, 1, 2, 3]))
     for old, new in zip(before, (maps.phy2log, maps.log2phy, maps.logcnt), strict=True):
         assert torch.equal(old, new)
+
+
+def test_prepared_commit_equals_direct_commit():
+    gen = torch.Generator().manual_seed(2)
+    old = random_placement(gen, 3, 6, 10)
+    direct, prepared = ExpertMaps(old, 6, 5), ExpertMaps(old, 6, 5)
+    new_row = random_placement(gen, 1, 6, 10)[0]
+    direct.commit_layer(1, new_row)
+    layer_maps = prepared.prepare_layer(new_row)
+    pointer = prepared.log2phy.data_ptr()
+    prepared.commit_prepared(1, layer_maps)
+    assert prepared.log2phy.data_ptr() == pointer
+    for a, b in zip(
+        (direct.phy2log, direct.log2phy, direct.logcnt),
+        (prepared.phy2log, prepared.log2phy, prepared.logcnt),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+
+
+def test_prepare_rejects_bad_rows_without_touching_maps():
+    gen = torch.Generator().manual_seed(3)
+    maps = ExpertMaps(random_placement(gen, 2, 4, 6), 4, 3)
+    before = maps.log2phy.clone()
+    with pytest.raises(ValueError, match="logical expert 3 has no"):
+        maps.prepare_layer(torch.tensor([0, 1, 2, 2, 1, 0]))
+    with pytest.raises(ValueError, match="shape"):
+        maps.prepare_layer(torch.tensor([0, 1, 2, 3]))
+    assert torch.equal(maps.log2phy, before)

@@ -11,10 +11,13 @@ Everything here is pure: no process group, no device beyond the tensors given.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 __all__ = [
     "ExpertMaps",
+    "LayerMaps",
     "commit_layer_maps",
     "derive_logical_maps",
     "max_replicas_for",
@@ -65,8 +68,7 @@ def validate_placement(
             raise ValueError(f"num_ranks must be > 0, got {num_ranks}")
         if num_physical % num_ranks != 0:
             raise ValueError(
-                f"{num_physical} physical slots are not divisible by "
-                f"{num_ranks} ranks"
+                f"{num_physical} physical slots are not divisible by {num_ranks} ranks"
             )
     bad = (rows < 0) | (rows >= num_logical_experts)
     if bad.any():
@@ -160,6 +162,20 @@ def commit_layer_maps(
     logcnt[layer].copy_(new_logcnt)
 
 
+@dataclass(frozen=True)
+class LayerMaps:
+    """One layer's new maps, validated and already on the maps' device.
+
+    Prepared off the forward path (by the staging worker), so that a commit is
+    three device-to-device copies: no host work and no pageable host copy,
+    which would block the host until the forward stream drained.
+    """
+
+    phy2log: torch.Tensor  # [P]
+    log2phy: torch.Tensor  # [E, K]
+    logcnt: torch.Tensor  # [E]
+
+
 class ExpertMaps:
     """The maps of one model, allocated once; layers are committed in place."""
 
@@ -201,3 +217,35 @@ class ExpertMaps:
         commit_layer_maps(
             self.phy2log, self.log2phy, self.logcnt, layer, new_layer_phy2log
         )
+
+    def prepare_layer(self, new_layer_phy2log: torch.Tensor) -> LayerMaps:
+        """Validate and derive one layer's maps, copied to the maps' device.
+
+        Call it on a side stream; the copies are ordered on the current stream
+        and from pinned memory, so the caller records an event after them.
+        """
+        if tuple(new_layer_phy2log.shape) != (self.num_physical_experts,):
+            raise ValueError(
+                f"new phy2log row has shape {tuple(new_layer_phy2log.shape)}, "
+                f"expected ({self.num_physical_experts},)"
+            )
+        row = new_layer_phy2log.to("cpu", torch.int64)
+        log2phy, logcnt = derive_logical_maps(
+            row, self.num_logical_experts, self.max_replicas
+        )
+        device = self.phy2log.device
+        pin = device.type != "cpu"
+        return LayerMaps(
+            *(
+                (t.pin_memory() if pin else t.clone()).to(device, non_blocking=True)
+                for t in (row, log2phy, logcnt)
+            )
+        )
+
+    def commit_prepared(self, layer: int, prepared: LayerMaps) -> None:
+        """Write prepared maps into ``layer`` in place (same storage)."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} is out of range [0, {self.num_layers})")
+        self.phy2log[layer].copy_(prepared.phy2log, non_blocking=True)
+        self.log2phy[layer].copy_(prepared.log2phy, non_blocking=True)
+        self.logcnt[layer].copy_(prepared.logcnt, non_blocking=True)
