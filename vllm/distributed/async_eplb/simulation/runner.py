@@ -339,20 +339,24 @@ def _build(
     return model, eplb, model_config
 
 
+def _routing(config: SimConfig, load: LoadSource, step: int) -> torch.Tensor:
+    """The global batch of a step: the same on every rank, and when re-checked."""
+    return sample_routing(
+        load.probabilities(step),
+        config.tokens,
+        config.model.top_k,
+        step_generator(config.seed, step),
+    )
+
+
 def _verify(
     config: SimConfig, model: ToyMoE, digests: list[str], rank: int
 ) -> tuple[int, int]:
     """(checked, matched) over this rank's share of the steps."""
     load = config.make_load()
     checked = matched = 0
-    preset = config.model
     for step in range(rank, config.steps, config.ranks):
-        ids = sample_routing(
-            load.probabilities(step),
-            config.tokens,
-            preset.top_k,
-            step_generator(config.seed, step),
-        )
+        ids = _routing(config, load, step)
         checked += 1
         matched += output_digest(model.reference_forward(ids)) == digests[step]
     return checked, matched
@@ -382,7 +386,6 @@ def _loop(
     rank: int, config: SimConfig, device: torch.device, show_progress: bool
 ) -> SimulationResult | None:
     model, eplb, model_config = _build(config, rank, device)
-    preset = config.model
     load = config.make_load()
     # The router's views of EPLB's maps, committed in place, and vLLM's name
     # for the placement itself.
@@ -406,12 +409,7 @@ def _loop(
     digests: list[str] = []
     try:
         for step in range(config.steps):
-            ids = sample_routing(
-                load.probabilities(step),
-                config.tokens,
-                preset.top_k,
-                step_generator(config.seed, step),
-            )
+            ids = _routing(config, load, step)
             if rank == 0:
                 series["balancedness"].append(
                     routed_balancedness(ids, log2phy, logcnt, config.ranks)
