@@ -58,6 +58,10 @@ _ELASTIC = "elastic expert parallelism is not supported by async_eplb"
 
 # Layout of a "ready" vote payload, before the per-layer staged flags.
 _ERROR, _PLANNED, _SKIP, _HEADER = 0, 1, 2, 3
+# Staging groups kept in reserve: a failed transfer can leave a gloo group
+# unusable (pairs closed on timeout), and creating a group is a collective of
+# the whole world, which an abort in one EP group cannot run.
+_SPARE_STAGING_GROUPS = 2
 
 
 @dataclass(frozen=True)
@@ -233,10 +237,13 @@ class EplbState:
         self._staging_group: dist.ProcessGroup | None = None
         self._backend: Any = None
         self._epoch = 0
-        self._phase = "idle"  # idle | aggregating | active
+        self._phase = "idle"  # idle | aggregating | active | recovering
+        self._spare_groups: list[dist.ProcessGroup | None] = []
         self._planner = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="async-eplb-plan"
         )
+        # Spawn the thread now, not inside a serving step.
+        self._planner.submit(int).result()
         self._plan_future: concurrent.futures.Future | None = None
         self._plan_status = "none"  # none|planning|planned|submitted|skip|failed
         self._plans: list[_Plan] = []
@@ -265,6 +272,10 @@ class EplbState:
         ep = self.ep
         vote_group = private_gloo_group(ep.ranks, ep.all_rank_lists)
         self._staging_group = private_gloo_group(ep.ranks, ep.all_rank_lists)
+        self._spare_groups = [
+            private_gloo_group(ep.ranks, ep.all_rank_lists)
+            for _ in range(_SPARE_STAGING_GROUPS)
+        ]
         self._vote = NonBlockingVote(
             vote_group, self.config.vote_delay, self.config.timeout_s
         )
@@ -275,7 +286,6 @@ class EplbState:
         """Register a MoE model: allocate maps, load window, staging buffer."""
         from vllm.distributed.async_eplb.device import DeviceBackend
         from vllm.distributed.async_eplb.staging import StagingBuffer
-        from vllm.distributed.async_eplb.transports import make_transport
 
         if getattr(model, "num_moe_layers", 0) <= 0:
             raise ValueError(f"model {type(model).__name__} has no MoE layers")
@@ -326,17 +336,22 @@ class EplbState:
             self._backend = DeviceBackend.for_device(self.device)
         # Allocated now, before vLLM profiles memory, so the profile sees it.
         state.buffer = StagingBuffer(model.expert_weights[0], self._backend)
-        state.transport = make_transport(
-            self.config.transport,
-            backend=self._backend,
-            group=self._staging_group,
-            expert_weights=model.expert_weights,
-            ranks_per_node=ep.ranks_per_node,
-            timeout=self.config.timeout_s,
-        )
+        state.transport = self._new_transport(state)
         if self.is_async:
             state.worker = self._new_worker(state)
         self.model_states[_config_hash(model_config)] = state
+
+    def _new_transport(self, state: EplbModelState) -> Any:
+        from vllm.distributed.async_eplb.transports import make_transport
+
+        return make_transport(
+            self.config.transport,
+            backend=self._backend,
+            group=self._staging_group,
+            expert_weights=state.model.expert_weights,
+            ranks_per_node=self.ep.ranks_per_node,
+            timeout=self.config.timeout_s,
+        )
 
     def _new_worker(self, state: EplbModelState) -> Any:
         from vllm.distributed.async_eplb.worker import StagingWorker
@@ -454,6 +469,12 @@ class EplbState:
             self.rearrange()
         if self.is_async and self._phase == "active":
             self._launch_ready_vote()
+        elif self._phase == "recovering":
+            stopped = all(
+                s.worker is None or not s.worker.is_alive()
+                for s in self.model_states.values()
+            )
+            self._launch("recover", torch.tensor([int(stopped)]), self._epoch)
         if rank_tokens is not None:
             self._launch(
                 "log",
@@ -479,6 +500,7 @@ class EplbState:
             handler = {
                 "load": self._on_load_vote,
                 "ready": self._on_ready_vote,
+                "recover": self._on_recover_vote,
                 "log": self._on_log_vote,
             }[result.kind]
             handler(result)
@@ -533,9 +555,18 @@ class EplbState:
             policy=self.config.policy,
         )
         new = torch.as_tensor(new, dtype=torch.int64).reshape(old.shape)
+        plans = []
+        for layer in range(old.shape[0]):
+            plans += plan_layers(
+                old[layer : layer + 1], new[layer : layer + 1], ep.world_size,
+                ep.ranks_per_node,
+            )
+            # Hand the GIL back between layers: this runs beside the engine's
+            # main thread, which would otherwise wait up to a switch interval.
+            time.sleep(0)
         return _Plan(
             new_phy2log=new,
-            plans=plan_layers(old, new, ep.world_size, ep.ranks_per_node),
+            plans=plans,
             old_balancedness=predicted_balancedness(load, old, ep.world_size),
             new_balancedness=predicted_balancedness(load, new, ep.world_size),
         )
@@ -595,8 +626,23 @@ class EplbState:
                 jobs = {i: plan.plans[i] for i in state.pending_layers}
                 state.worker.submit(self._epoch, jobs)
 
+    def _workers_idle(self) -> bool:
+        """No worker thread is still inside a layer of an earlier (aborted) job.
+
+        Peers of a failed rank finish or time out of the layer they were
+        staging; a new job must not start before, or its messages could meet
+        that layer's. Uses ``StagingWorker.idle`` where the worker has it.
+        """
+        return all(
+            s.worker is None or (not s.worker.busy and getattr(s.worker, "idle", True))
+            for s in self.model_states.values()
+        )
+
     def _launch_ready_vote(self) -> None:
         planned, skip = self._poll_local_plan()
+        # Report "planned" only once this rank could start staging right away.
+        waiting_idle = self._plan_status == "planned" and not self._workers_idle()
+        planned = planned and not waiting_idle
         states = list(self.model_states.values())
         flags = [torch.zeros(s.model.num_moe_layers, dtype=torch.int64) for s in states]
         error = self._local_error is not None
@@ -605,7 +651,8 @@ class EplbState:
             worker = state.worker
             if worker is None:
                 continue
-            if worker.error is not None:
+            # An error before this job was submitted belongs to an aborted job.
+            if worker.error is not None and self._plan_status == "submitted":
                 error = True
                 if self._local_error is None:
                     self._local_error = f"staging worker failed: {worker.error!r}"
@@ -613,13 +660,13 @@ class EplbState:
             if staged:
                 flag[staged] = 1
                 staged_any = True
-        busy = any(s.pending_layers for s in states)
+        busy = any(s.pending_layers for s in states) or waiting_idle
         if staged_any or not busy:
             self._last_progress = time.monotonic()
         elif time.monotonic() - self._last_progress > self.config.timeout_s:
             error = True
             self._local_error = self._local_error or (
-                f"no layer staged for {self.config.timeout_s:.1f} s"
+                f"no staging progress for {self.config.timeout_s:.1f} s"
             )
         header = torch.tensor([int(error), int(planned), int(skip)], dtype=torch.int64)
         self._launch("ready", torch.cat([header, *flags]), self._epoch)
@@ -716,7 +763,13 @@ class EplbState:
         self._end_epoch()
 
     def _abort(self, cause: str, *, local: bool) -> None:
-        """Drop the rest of the rebalance; committed layers stay committed."""
+        """Drop the rest of the rebalance; committed layers stay committed.
+
+        If staging had started, some transfer may be left half done (a peer
+        waiting for a message that never comes), so the workers are stopped
+        and, once every rank's are, replaced with fresh ones on a spare
+        staging group (``recovering``), at a step all ranks agree on.
+        """
         self.counters.aborts += 1
         self.counters.last_abort_cause = cause
         if local or self.ep.rank == 0:
@@ -725,17 +778,36 @@ class EplbState:
                 "layers keep their placement, the next interval tries again",
                 self._epoch, self.step_count, self.ep.rank, cause,
             )
+        staging_started = self._plan_status == "submitted"
         for state in self.model_states.values():
-            worker = state.worker
-            if worker is None:
+            if state.worker is None:
                 continue
-            worker.cancel()
-            if self._async_started and not worker.is_alive():
-                # The thread itself died: replace it so the next interval works.
-                worker.stop()
-                state.worker = self._new_worker(state)
-                state.worker.start()
+            state.worker.cancel()
+            if staging_started:
+                state.worker.stop(timeout=0.0)  # request only: joined later
         self._end_epoch()
+        if staging_started:
+            self._phase = "recovering"
+
+    def _on_recover_vote(self, result: VoteResult) -> None:
+        if result.context != self._epoch or self._phase != "recovering":
+            return
+        if int(result.total[0]) < self.ep.world_size:
+            return  # some rank's worker is still inside a transfer
+        if not self._spare_groups:
+            logger.error(
+                "async EPLB: no spare staging group left after repeated transfer "
+                "failures; expert rebalancing stays off on rank %d", self.ep.rank
+            )
+            self._phase = "disabled"
+            return
+        self._staging_group = self._spare_groups.pop(0)
+        for state in self.model_states.values():
+            state.transport = self._new_transport(state)
+            state.worker = self._new_worker(state)
+            if self._async_started:
+                state.worker.start()
+        self._phase = "idle"
 
     def _on_log_vote(self, result: VoteResult) -> None:
         rearrangement_step, shapes = result.context

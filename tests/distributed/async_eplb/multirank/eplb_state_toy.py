@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=("async", "sync"), default="async")
     parser.add_argument("--steps", type=int, default=90)
     parser.add_argument("--fail-planning-rank", type=int, default=-1)
+    parser.add_argument("--fail-staging-rank", type=int, default=-1)
+    parser.add_argument("--timeout", type=float, default=20.0)
     parser.add_argument("--out-dir", default="", help="writes rank<r>.json there")
     args = parser.parse_args()
 
@@ -91,7 +93,7 @@ def main() -> None:
         top_k=TOP_K,
         dtype=torch.bfloat16,
     )
-    config = AsyncEplbConfig(min_gain=0.02, vote_delay=2, timeout_s=20.0)
+    config = AsyncEplbConfig(min_gain=0.02, vote_delay=2, timeout_s=args.timeout)
     state = EplbState(
         parallel_config,
         "cpu",
@@ -112,6 +114,20 @@ def main() -> None:
             return original(loads)
 
         state._compute_plans = failing
+
+    if args.fail_staging_rank == rank:
+        transport = ms.transport
+        real_stage = transport.stage_layer
+        staged = {"n": 0}
+
+        def failing_stage(*a, **k):
+            staged["n"] += 1
+            # call 1 is the profile run; 3 is the second layer of the first job
+            if staged["n"] == 3:
+                raise RuntimeError("injected staging failure")
+            return real_stage(*a, **k)
+
+        transport.stage_layer = failing_stage
 
     # The runner: profile run (dummy, is_profile), then start the loop.
     state.step(is_dummy=True, is_profile=True)
