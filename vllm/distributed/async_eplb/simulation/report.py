@@ -221,7 +221,10 @@ def write_plot(path: Path, result: SimulationResult) -> bool:
         steps, [1e3 * t for t in result.step_seconds], color="0.6", label="whole step"
     )
     bottom.plot(
-        steps, [1e3 * t for t in result.eplb_seconds], color="tab:red", label="EPLB"
+        steps,
+        [1e3 * t for t in result.eplb_seconds],
+        color="tab:red",
+        label="EplbState.step()",
     )
     bottom.set_ylabel("ms per step (slowest rank)")
     bottom.set_xlabel("step")
@@ -231,7 +234,7 @@ def write_plot(path: Path, result: SimulationResult) -> bool:
         for step in commits:
             axis.axvline(step, color="tab:green", alpha=0.25, linewidth=0.8)
         axis.legend(loc="lower right", fontsize="small")
-    top.set_title(_title(result.config))
+    top.set_title(_title(result.config), fontsize="medium")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
