@@ -233,6 +233,21 @@ def test_bad_input_is_one_line_not_a_traceback(capsys, tmp_path):
     assert "invalid choice: 'gpt-9'" in capsys.readouterr().err
 
 
+def test_a_bad_knob_in_the_environment_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("VLLM_ASYNC_EPLB_VOTE_DELAY", "0")
+    assert main([]) == 2
+    assert capsys.readouterr().err == (
+        "async-eplb-simulate: error: VLLM_ASYNC_EPLB_VOTE_DELAY='0' must be >= 1\n"
+    )
+
+
+def test_knobs_come_from_the_environment_but_flags_win(monkeypatch):
+    monkeypatch.setenv("VLLM_ASYNC_EPLB_LAYERS_PER_STEP", "2")
+    monkeypatch.setenv("VLLM_ASYNC_EPLB_POLICY", "min_migration")
+    knobs = SimConfig(policy="default").eplb_knobs()
+    assert (knobs.layers_per_step, knobs.policy) == (2, "default")
+
+
 @pytest.mark.multirank
 @pytest.mark.parametrize("mode", ["async", "sync"])
 def test_a_small_run_rebalances_and_every_output_matches(tmp_path, mode):
@@ -257,6 +272,7 @@ def test_a_small_run_rebalances_and_every_output_matches(tmp_path, mode):
     assert summary["rebalances"] >= 1 and summary["aborts"] == 0
     assert summary["bytes_moved"] > 0 and summary["layer_commits"] >= 2
     assert report["config"]["mode"] == mode
+    assert report["config"]["eplb_knobs"]["policy"] == "min_migration"
     assert report["config"]["load_description"].startswith("synthetic")
     assert len(report["balancedness"]) == len(report["eplb_seconds"]) == 32
     assert all(0 < b <= 1 for b in report["balancedness"])

@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import pickle
-import socket
 import sys
 import tempfile
 import time
@@ -168,12 +167,6 @@ def _config(args: argparse.Namespace) -> SimConfig:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_main(
     rank: int, config: SimConfig, init_method: str, result_dir: str, progress: bool
 ) -> None:
@@ -199,8 +192,9 @@ def _start_method(config: SimConfig) -> str:
 
 def _launch(config: SimConfig, progress: bool) -> SimulationResult:
     """Spawn the ranks; a failed rank raises RuntimeError with its last line."""
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
     with tempfile.TemporaryDirectory(prefix="eplb-sim-") as result_dir:
+        # A file rendezvous: no port to pick, so parallel runs cannot clash.
+        init_method = f"file://{Path(result_dir) / 'rendezvous'}"
         try:
             mp.start_processes(
                 _rank_main,

@@ -9,16 +9,16 @@ compares: the check is exact but stays out of the timed loop.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from vllm.distributed.async_eplb.config import POLICIES
+from vllm.distributed.async_eplb.config import POLICIES, AsyncEplbConfig
 from vllm.distributed.async_eplb.load_stats import balancedness, tokens_per_rank
 from vllm.distributed.async_eplb.simulation.load import (
     SHIPPED_TRACE,
@@ -40,7 +40,7 @@ MODES = ("async", "sync")
 LOADS = ("auto", "synthetic", "trace")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SimConfig:
     """Everything one run needs; ``validate`` refuses bad values with one line."""
 
@@ -113,6 +113,7 @@ class SimConfig:
             )
         if self.transport == "ipc" and self.device != "cuda":
             raise ValueError("--transport ipc needs --device cuda")
+        self.eplb_knobs()  # a bad VLLM_ASYNC_EPLB_* variable
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
         if self.load not in LOADS:
@@ -129,16 +130,24 @@ class SimConfig:
                     f"found {found} CUDA devices"
                 )
 
+    def eplb_knobs(self) -> AsyncEplbConfig:
+        """``VLLM_ASYNC_EPLB_*`` as a server reads them; --policy and
+        --transport take precedence."""
+        return dataclasses.replace(
+            AsyncEplbConfig.from_env(), policy=self.policy, transport=self.transport
+        )
+
     def to_json(self) -> dict[str, Any]:
         model = self.model
         return {
-            **asdict(self),
+            **dataclasses.asdict(self),
             "layers": model.num_moe_layers,
             "experts": model.num_routed_experts,
             "expert_groups": model.num_expert_groups,
             "top_k": model.top_k,
             "toy_hidden_size": model.toy_hidden_size(self.scale),
             "load_description": self.make_load().description,
+            "eplb_knobs": dataclasses.asdict(self.eplb_knobs()),
         }
 
     def make_load(self) -> LoadSource:
@@ -190,7 +199,7 @@ def output_digest(output: torch.Tensor) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class EplbConfigStandIn:
     """The fields of vLLM's ``EPLBConfig`` that EplbState reads."""
 
@@ -202,7 +211,7 @@ class EplbConfigStandIn:
     log_balancedness_interval: int = 1
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ParallelConfigStandIn:
     """The fields of vLLM's ``ParallelConfig`` that EplbState reads.
 
@@ -215,7 +224,7 @@ class ParallelConfigStandIn:
     enable_elastic_ep: bool = False
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ModelConfigStandIn:
     """vLLM's ``ModelConfig`` as EplbState sees it: a name and a hash."""
 
@@ -298,7 +307,6 @@ def _build(
     config: SimConfig, rank: int, device: torch.device
 ) -> tuple[ToyMoE, Any, ModelConfigStandIn]:
     """The model and EplbState, set up in the model runner's order."""
-    from vllm.distributed.async_eplb.config import AsyncEplbConfig
     from vllm.distributed.async_eplb.eplb_state import EpGroupInfo, EplbState
 
     preset = config.model
@@ -324,13 +332,12 @@ def _build(
         )
     )
     model_config = ModelConfigStandIn(f"toy-{preset.name}")
-    # Without vLLM's parallel state the EP group is the whole world; our knobs
-    # are given directly instead of through VLLM_ASYNC_EPLB_* variables.
+    # Without vLLM's parallel state the EP group is the whole world.
     eplb = EplbState(
         parallel_config,
         device,
         ep_group=EpGroupInfo.whole_world(),
-        config=AsyncEplbConfig(policy=config.policy, transport=config.transport),
+        config=config.eplb_knobs(),
     )
     eplb.add_model(model, model_config)
     if eplb.is_async:
