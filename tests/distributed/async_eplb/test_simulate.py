@@ -233,6 +233,26 @@ def test_bad_input_is_one_line_not_a_traceback(capsys, tmp_path):
     assert "invalid choice: 'gpt-9'" in capsys.readouterr().err
 
 
+def _rank_fails(rank, config, init_method, show_progress):
+    if rank == 1:
+        raise RuntimeError("staging exploded")
+
+
+def test_a_failed_rank_is_one_line_with_the_traceback_saved(
+    capsys, monkeypatch, tmp_path
+):
+    from vllm.distributed.async_eplb.simulation import cli
+
+    monkeypatch.setattr(cli, "run_rank", _rank_fails)  # ranks are forked on CPU
+    assert main(["--ranks", "2", "--out", str(tmp_path), "--load", "synthetic"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "async-eplb-simulate: error: rank 1 failed: RuntimeError: staging exploded "
+        f"(traceback in {tmp_path / 'error.log'})"
+    )
+    assert "Traceback" in (tmp_path / "error.log").read_text()
+
+
 def test_a_bad_knob_in_the_environment_is_one_line(capsys, monkeypatch):
     monkeypatch.setenv("VLLM_ASYNC_EPLB_VOTE_DELAY", "0")
     assert main([]) == 2
