@@ -170,7 +170,7 @@ def _config(args: argparse.Namespace) -> SimConfig:
 def _rank_main(
     rank: int, config: SimConfig, init_method: str, result_dir: str, progress: bool
 ) -> None:
-    """Entry of one spawned rank: threads shared fairly, result pickled."""
+    """Entry of one rank process: CPU threads shared fairly, result pickled."""
     if config.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.ranks))
     logging.basicConfig(
@@ -191,7 +191,7 @@ def _start_method(config: SimConfig) -> str:
 
 
 def _launch(config: SimConfig, progress: bool) -> SimulationResult:
-    """Spawn the ranks; a failed rank raises RuntimeError with its last line."""
+    """Start the ranks; a failed rank raises RuntimeError with its last line."""
     with tempfile.TemporaryDirectory(prefix="eplb-sim-") as result_dir:
         # A file rendezvous: no port to pick, so parallel runs cannot clash.
         init_method = f"file://{Path(result_dir) / 'rendezvous'}"
