@@ -22,22 +22,28 @@ def test_fold_attributes_with_given_map() -> None:
 
 
 def test_window_keeps_attribution_across_a_commit() -> None:
-    window = LoadWindow(window_size=3, num_layers=1, num_logical_experts=3)
     before = torch.tensor([[0, 1, 2, 0]])
     after = torch.tensor([[2, 1, 0, 0]])  # slots 0 and 2 swapped experts
+    window = LoadWindow(3, before, num_logical_experts=3)
     load = torch.tensor([[4, 0, 1, 0]])
-    window.record(load, before)  # slot 0 served expert 0 at the time
-    window.record(load, after)  # now slot 0 serves expert 2
+    window.record(load)  # slot 0 served expert 0 at the time
+    window.placement_changed(after)
+    window.record(load)  # now slot 0 serves expert 2
     assert window.total().tolist() == [[5, 0, 5]]
 
 
 def test_window_is_a_ring_of_the_last_steps() -> None:
-    window = LoadWindow(window_size=2, num_layers=1, num_logical_experts=2)
     phy2log = torch.tensor([[0, 1]])
-    for value in (100, 1, 2):
-        window.record(torch.tensor([[value, 0]]), phy2log)
-    assert window.total().tolist() == [[3, 0]]
+    window = LoadWindow(2, phy2log, num_logical_experts=2)
+    window.record(torch.tensor([[100, 0]]))
+    window.placement_changed(torch.tensor([[1, 0]]))
+    for value in (1, 2):
+        window.record(torch.tensor([[value, 0]]))
+    # the step of 100 (old map) left the window
+    assert window.total().tolist() == [[0, 3]]
     assert window.num_recorded == 3
+    window.placement_changed(torch.tensor([[0, 1]]))
+    assert len(window._placements) == 2  # the unreferenced first map is dropped
 
 
 def test_balancedness_is_vllm_sum_of_means_over_sum_of_maxes() -> None:
@@ -73,4 +79,7 @@ def test_shape_mismatch_and_bad_geometry_are_rejected() -> None:
     with pytest.raises(ValueError, match="not divisible"):
         tokens_per_rank(torch.zeros(1, 5), 2)
     with pytest.raises(ValueError, match="window_size"):
-        LoadWindow(0, 1, 1)
+        LoadWindow(0, torch.zeros(1, 2, dtype=torch.long), 2)
+    window = LoadWindow(2, torch.zeros(1, 2, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="does not match"):
+        window.record(torch.zeros(1, 3))

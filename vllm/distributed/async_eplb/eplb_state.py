@@ -312,10 +312,7 @@ class EplbState:
             device=self.device,
         )
         window = LoadWindow(
-            self.expert_load_window_size,
-            model.num_moe_layers,
-            model.num_logical_experts,
-            device=self.device,
+            self.expert_load_window_size, maps.phy2log, model.num_logical_experts
         )
         num_ubatches = max(1, getattr(self.parallel_config, "num_ubatches", 1) or 1)
         unpadded = [
@@ -453,8 +450,8 @@ class EplbState:
             ]
         for state in states:
             if not is_dummy:
-                # Attributed now, with the map this forward pass ran under.
-                state.window.record(state.expert_load_pass, state.maps.phy2log)
+                # Stored with the version of the map this forward pass ran under.
+                state.window.record(state.expert_load_pass)
             state.expert_load_pass.zero_()
         self.step_count += 1
         self.expert_rearrangement_step += 1
@@ -703,11 +700,13 @@ class EplbState:
             num_layers = state.model.num_moe_layers
             counts = staged_counts[offset : offset + num_layers]
             offset += num_layers
+            committed = False
             for layer in list(state.pending_layers):
                 if budget == 0:
                     break
                 if int(counts[layer]) != world:
                     continue
+                committed = True
                 assert state.plan is not None
                 start = time.perf_counter()
                 state.worker.commit_layer(
@@ -717,6 +716,8 @@ class EplbState:
                 self.counters.layers_committed += 1
                 state.pending_layers.remove(layer)
                 budget -= 1
+            if committed:
+                state.window.placement_changed(state.maps.phy2log)
         if all(not s.pending_layers for s in self.model_states.values()):
             self._finish_rebalance()
 
@@ -841,6 +842,8 @@ class EplbState:
             for layer in plan.changed_layers:
                 self._move_layer_now(state, layer, plan.plans[layer],
                                      plan.new_phy2log[layer])
+            if plan.changed_layers:
+                state.window.placement_changed(state.maps.phy2log)
         self.counters.rebalances += 1
         if self.ep.rank == 0:
             old, new = self.counters.last_predicted or (0.0, 0.0)

@@ -97,22 +97,30 @@ def predicted_balancedness(
 
 
 class LoadWindow:
-    """Ring of the last ``window_size`` recorded steps of logical load."""
+    """Ring of the last ``window_size`` recorded steps of per-slot load.
+
+    Each step is stored as recorded (one copy per step, as cheap as vLLM's
+    window) together with the version of the placement it ran under;
+    :meth:`placement_changed` starts a new version after a commit.
+    :meth:`total` folds each step with its own version's ``phy2log``.
+    """
 
     def __init__(
-        self,
-        window_size: int,
-        num_layers: int,
-        num_logical_experts: int,
-        device: torch.device | str = "cpu",
+        self, window_size: int, phy2log: torch.Tensor, num_logical_experts: int
     ) -> None:
         if window_size <= 0:
             raise ValueError(f"window_size must be > 0, got {window_size}")
+        if phy2log.dim() != 2:
+            raise ValueError(
+                f"phy2log must have shape [L, P], got {tuple(phy2log.shape)}"
+            )
         self.num_logical_experts = num_logical_experts
         self._steps = torch.zeros(
-            window_size, num_layers, num_logical_experts, dtype=torch.int64,
-            device=device,
+            (window_size, *phy2log.shape), dtype=torch.int64, device=phy2log.device
         )
+        self._version_of_step = [-1] * window_size  # -1: slot never written
+        self._placements = {0: phy2log.detach().clone()}
+        self._version = 0
         self._next = 0
         self.num_recorded = 0
 
@@ -120,15 +128,37 @@ class LoadWindow:
     def window_size(self) -> int:
         return self._steps.shape[0]
 
-    def record(self, physical_load: torch.Tensor, phy2log: torch.Tensor) -> None:
-        """Store one step, attributed with the placement it was recorded under."""
-        logical = fold_to_logical(
-            physical_load, phy2log, self.num_logical_experts, check_values=False
-        )
-        self._steps[self._next].copy_(logical)
+    def record(self, physical_load: torch.Tensor) -> None:
+        """Store one step's ``[L, P]`` load under the current placement."""
+        if physical_load.shape != self._steps.shape[1:]:
+            raise ValueError(
+                f"load of shape {tuple(physical_load.shape)} does not match the "
+                f"window's {tuple(self._steps.shape[1:])}"
+            )
+        self._steps[self._next].copy_(physical_load)
+        self._version_of_step[self._next] = self._version
         self._next = (self._next + 1) % self.window_size
         self.num_recorded += 1
 
+    def placement_changed(self, phy2log: torch.Tensor) -> None:
+        """Steps recorded from now on ran under ``phy2log`` (after a commit)."""
+        in_use = set(self._version_of_step)
+        self._placements = {v: m for v, m in self._placements.items() if v in in_use}
+        self._version += 1
+        self._placements[self._version] = phy2log.detach().clone()
+
     def total(self) -> torch.Tensor:
         """Logical load summed over the window, ``[L, E]`` int64."""
-        return self._steps.sum(dim=0)
+        num_layers = self._steps.shape[1]
+        out = torch.zeros(
+            num_layers, self.num_logical_experts, dtype=torch.int64,
+            device=self._steps.device,
+        )
+        for version in sorted(set(self._version_of_step) - {-1}):
+            rows = [i for i, v in enumerate(self._version_of_step) if v == version]
+            physical = self._steps[rows].sum(dim=0)
+            out += fold_to_logical(
+                physical, self._placements[version], self.num_logical_experts,
+                check_values=False,
+            )
+        return out
