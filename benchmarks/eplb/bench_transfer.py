@@ -9,7 +9,8 @@ Per run, on the same ranks and inputs:
 - floor: device-to-device copy rate of one rank-layer of bytes;
 - each transport: staging every layer (``stage_layer``) then committing it;
 - ours end to end: the StagingWorker with a commit loop (all-reduce of staged
-  flags as the agreement stand-in), whole model;
+  flags every 5 ms as the agreement stand-in), whole model, and how long the
+  main thread was blocked in ``submit`` + ``commit_layer`` (the engine's stall);
 - vLLM (CPU only, needs vLLM): ``rearrange_expert_weights_inplace`` with its
   gloo communicator (a no-op accelerator stream is patched in on CPU).
 Every result is checked bit-exact against the expected experts.
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -190,7 +192,8 @@ def measure_transport(ctx, name: str) -> dict:
                 plan, rank, weights[layer], buffer.slot(0), packed=buffer.packed(0)
             )
             backend.synchronize()
-            dist.barrier(group=ctx["groups"]["cpu"])  # the agreement: all staged
+            if name == "ipc":  # peers read our weights: commit after they did
+                dist.barrier(group=ctx["groups"]["cpu"])
             changed = plan.ranks[rank].changed_slots
             copy_slot_runs(weights[layer], buffer.slot(0), slot_runs(changed, changed))
         backend.synchronize()
@@ -245,7 +248,7 @@ def measure_worker(ctx, name: str) -> dict:
     """Whole model through StagingWorker, committing as layers get staged."""
     backend, rank = ctx["backend"], ctx["rank"]
     num_layers = len(ctx["plans"])
-    times = []
+    times, stalls = [], []
     for _ in range(ctx["repeats"]):
         weights = build_weights(ctx["old"], rank, ctx["shapes"], backend.device)
         maps = ExpertMaps(torch.tensor(ctx["old"]), ctx["experts"], ctx["slots"])
@@ -262,6 +265,7 @@ def measure_worker(ctx, name: str) -> dict:
         dist.barrier()
         start = time.perf_counter()
         worker.submit(0, dict(enumerate(ctx["plans"])))
+        blocked = time.perf_counter() - start
         committed = 0
         while committed < num_layers:
             flags = torch.zeros(num_layers, dtype=torch.int32)
@@ -270,16 +274,19 @@ def measure_worker(ctx, name: str) -> dict:
             dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=ctx["groups"]["cpu"])
             while committed < num_layers and flags[committed]:
                 new_row = torch.tensor(ctx["new"][committed])
+                commit_start = time.perf_counter()
                 worker.commit_layer(committed, maps, new_row)
+                blocked += time.perf_counter() - commit_start
                 committed += 1
             if worker.error is not None:
                 raise worker.error
-            time.sleep(0.002)  # one agreement poll per "engine step"
+            time.sleep(0.005)  # one agreement poll per "engine step"
         backend.synchronize()
         times.append(max_over_ranks(time.perf_counter() - start))
+        stalls.append(max_over_ranks(blocked))
         worker.stop()
         check(weights, ctx["new"], rank, ctx["shapes"], backend.device, "worker")
-    return {"seconds": min(times)}
+    return {"seconds": min(times), "main_thread_blocked_s": min(stalls)}
 
 
 def measure_vllm(ctx) -> dict:
@@ -388,15 +395,40 @@ def main() -> int:
         "floor_d2d_bytes_per_s": measure_floor(backend, layer_bytes, args.repeats),
         "transports": {},
     }
+    # Round-robin over the methods, one run each per round, so that load from
+    # other processes hits them alike; medians are reported.
+    ctx["repeats"] = 1
+    runs: dict[str, list[float]] = {}
+    received: dict[str, int] = {}
+    for _ in range(args.repeats):
+        for name in names:
+            staged = measure_transport(ctx, name)
+            received[name] = staged["bytes_received_all_ranks"]
+            runs.setdefault(f"{name}:stage_commit", []).append(staged["seconds"])
+            worker = measure_worker(ctx, name)
+            runs.setdefault(f"{name}:worker", []).append(worker["seconds"])
+            runs.setdefault(f"{name}:blocked", []).append(
+                worker["main_thread_blocked_s"]
+            )
+        if device.type == "cpu":
+            runs.setdefault("gloo_floor", []).append(measure_gloo_floor(ctx)["seconds"])
+        if device.type == "cpu" and not args.skip_vllm:
+            runs.setdefault("vllm", []).append(measure_vllm(ctx)["seconds"])
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    results["runs_s"] = runs
     for name in names:
-        results["transports"][name] = measure_transport(ctx, name)
-        results["transports"][name]["worker_whole_model_s"] = measure_worker(ctx, name)[
-            "seconds"
-        ]
-    if device.type == "cpu":
-        results["gloo_floor_s"] = measure_gloo_floor(ctx)["seconds"]
-    if device.type == "cpu" and not args.skip_vllm:
-        results["vllm_rearrange_s"] = measure_vllm(ctx)["seconds"]
+        seconds = med[f"{name}:stage_commit"]
+        results["transports"][name] = {
+            "seconds": seconds,
+            "bytes_received_all_ranks": received[name],
+            "bytes_per_s_per_rank": received[name] / nproc / seconds,
+            "worker_whole_model_s": med[f"{name}:worker"],
+            "worker_main_thread_blocked_s": med[f"{name}:blocked"],
+        }
+    if "gloo_floor" in med:
+        results["gloo_floor_s"] = med["gloo_floor"]
+    if "vllm" in med:
+        results["vllm_rearrange_s"] = med["vllm"]
     if rank == 0:
         report(results)
         if args.json:
@@ -421,10 +453,14 @@ def report(r: dict) -> None:
         line = (
             f"{name:12s} stage+commit {t['seconds'] * 1e3:8.1f} ms  "
             f"{rate / 1e9:6.3f} GB/s/rank ({100 * rate / floor:5.1f}% of floor)  "
-            f"worker whole model {t['worker_whole_model_s'] * 1e3:8.1f} ms"
+            f"worker whole model {t['worker_whole_model_s'] * 1e3:8.1f} ms "
+            f"(main thread blocked {t['worker_main_thread_blocked_s'] * 1e3:.1f} ms)"
         )
         if vllm_s:
-            line += f"  vLLM/ours {vllm_s / t['worker_whole_model_s']:.2f}x"
+            line += (
+                f"  vLLM/ours: stage+commit {vllm_s / t['seconds']:.2f}x, "
+                f"worker {vllm_s / t['worker_whole_model_s']:.2f}x"
+            )
         print(line)
     if vllm_s:
         print(f"vLLM rearrange_expert_weights_inplace: {vllm_s * 1e3:.1f} ms")

@@ -1,10 +1,10 @@
 """Batched point-to-point staging: one batch per layer, few large messages.
 
 The experts one rank sends to a peer are packed, all weight tensors included,
-into ``row_bytes`` rows (a per-tensor message is about half as fast). Each run
-of consecutive target slots on the receiver is one message that lands straight
-in its staging rows, so a peer whose experts go to consecutive slots costs one
-message and the receiver copies nothing.
+into ``row_bytes`` rows (a per-tensor message is about half as fast). On
+device collectives each run of consecutive target slots is one message that
+lands straight in the receiver's staging rows; on gloo, which pays per
+message, each peer gets one message, spread to its slots on arrival.
 """
 
 from __future__ import annotations
@@ -138,10 +138,18 @@ class P2PTransport(Transport):
         if not sends and not recvs:
             return 0
         layout = RowLayout.of(weights)
-        recv_scratch = 0 if packed is not None else sum(map(len, recvs.values()))
-        scratch = self._scratch_rows(
-            sum(map(len, sends.values())) + recv_scratch, layout.row_bytes
+        recv_spans = [
+            (peer, ts[offset : offset + length])
+            for peer, ts in recvs.items()
+            for offset, length in self._message_spans(ts)
+        ]
+        direct = [packed is not None and _is_run(ts) for _, ts in recv_spans]
+        scratch_rows = sum(map(len, sends.values())) + sum(
+            len(ts)
+            for (_, ts), straight in zip(recv_spans, direct, strict=True)
+            if not straight
         )
+        scratch = self._scratch_rows(scratch_rows, layout.row_bytes)
         messages: list[Message] = []
         cursor = 0
         for peer, ts in sends.items():
@@ -149,27 +157,44 @@ class P2PTransport(Transport):
             cursor += len(ts)
             runs = slot_runs(range(len(ts)), [t.src_slot for t in ts])
             copy_slot_runs(layout.views(rows), weights, runs)
-            for offset, length in _message_spans(ts):
+            for offset, length in self._message_spans(ts):
                 messages.append(Message(True, peer, rows[offset : offset + length]))
         spread: list[tuple[torch.Tensor, list[tuple[int, int, int]]]] = []
-        for peer, ts in recvs.items():
-            if packed is None:  # land in scratch rows, then spread to the slots
+        for (peer, ts), straight in zip(recv_spans, direct, strict=True):
+            if straight:  # lands in the staging rows themselves
+                assert packed is not None
+                first = ts[0].dst_slots[0]
+                rows = packed[first : first + len(ts)]
+            else:  # lands in scratch rows, then spread to the target slots
                 rows = scratch[cursor : cursor + len(ts)]
                 cursor += len(ts)
                 firsts = [t.dst_slots[0] for t in ts]
                 spread.append((rows, slot_runs(firsts, range(len(ts)))))
-            for offset, length in _message_spans(ts):
-                if packed is None:
-                    target = rows[offset : offset + length]
-                else:  # straight into the staging rows
-                    first = ts[offset].dst_slots[0]
-                    target = packed[first : first + length]
-                messages.append(Message(False, peer, target))
+            messages.append(Message(False, peer, rows))
         self._run(messages)
         for rows, runs in spread:
             copy_slot_runs(buffers, layout.views(rows), runs)
         copy_duplicates(rank_plan, buffers, peers)
         return sum(map(len, recvs.values())) * row_nbytes(weights)
+
+    def _message_spans(self, transfers: Sequence[Transfer]) -> list[tuple[int, int]]:
+        """``(offset, length)`` of each message between one pair of ranks.
+
+        gloo pays per message (one message per peer is about twice as fast on
+        loopback), so it gets one per peer and the receiver spreads the rows.
+        Device collectives get one message per run of consecutive target
+        slots, each landing straight in the staging rows (no receive copy).
+        Depends only on the plan and the group, so both sides split alike.
+        """
+        if not self.pollable:
+            return [(0, len(transfers))]
+        spans: list[tuple[int, int]] = []
+        for i, t in enumerate(transfers):
+            if spans and t.dst_slots[0] == transfers[i - 1].dst_slots[0] + 1:
+                spans[-1] = (spans[-1][0], spans[-1][1] + 1)
+            else:
+                spans.append((i, 1))
+        return spans
 
     def _run(self, messages: Sequence[Message]) -> None:
         """Post every message as one batch and wait for all of them."""
@@ -202,18 +227,7 @@ class P2PTransport(Transport):
         return self._scratch[:needed].view(num_rows, row_bytes)
 
 
-def _message_spans(transfers: Sequence[Transfer]) -> list[tuple[int, int]]:
-    """``(offset, length)`` of each message between one pair of ranks.
-
-    One message per run of consecutive target slots on the receiver, so it
-    lands straight in the staging rows: a single message per peer whenever
-    the targets are consecutive. A pure function of the plan, so sender and
-    receiver split alike.
-    """
-    spans: list[tuple[int, int]] = []
-    for i, t in enumerate(transfers):
-        if spans and t.dst_slots[0] == transfers[i - 1].dst_slots[0] + 1:
-            spans[-1] = (spans[-1][0], spans[-1][1] + 1)
-        else:
-            spans.append((i, 1))
-    return spans
+def _is_run(transfers: Sequence[Transfer]) -> bool:
+    """Do the transfers target consecutive slots, in order?"""
+    first = transfers[0].dst_slots[0]
+    return all(t.dst_slots[0] == first + i for i, t in enumerate(transfers))
