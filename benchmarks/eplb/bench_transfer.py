@@ -227,7 +227,9 @@ def measure_gloo_floor(ctx) -> dict:
             for t in transfers:
                 counts[peer_of(t)] = counts.get(peer_of(t), 0) + 1
             for peer, n in sorted(counts.items()):
-                ops.append((op, torch.empty(n * row_bytes, dtype=torch.uint8), peer))
+                # Written, so that no page is the shared zero page.
+                buf = torch.full((n * row_bytes,), 7, dtype=torch.uint8)
+                ops.append((op, buf, peer))
         messages.append(ops)
     times = []
     for _ in range(ctx["repeats"]):
