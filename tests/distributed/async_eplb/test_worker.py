@@ -243,3 +243,24 @@ def test_bad_calls_raise_and_change_nothing() -> None:
         world.assert_layer(0, world.new[0])
     finally:
         world.stop()
+
+
+def test_make_transport_rejects_bad_names_and_options() -> None:
+    from vllm.distributed.async_eplb.transports import make_transport
+
+    with pytest.raises(ValueError, match="unknown transport 'nccl'"):
+        make_transport("nccl", backend=CPU, group=None)
+    with pytest.raises(ValueError, match="timeout must be > 0 seconds, got 0"):
+        make_transport("auto", backend=CPU, group=None, timeout=0)
+    with pytest.raises(ValueError, match="'ipc' needs expert_weights"):
+        make_transport("ipc", backend=CPU, group=None)
+
+
+def test_worker_rejects_weights_that_do_not_fit_the_buffer() -> None:
+    weights = rank_weights([list(range(NUM_RANKS * SLOTS))] * 2, 0)
+    buffer = StagingBuffer(weights[0], CPU)
+    weights[1][2] = weights[1][2][:, :3]
+    with pytest.raises(ValueError, match="layer 1's expert weights do not match"):
+        StagingWorker(
+            weights, buffer, SharedMemoryTransport(None, None, None), CPU, rank=0
+        )
