@@ -90,8 +90,12 @@ class NonBlockingVote:
     def launch(
         self, step: int, kind: str, payload: torch.Tensor, context: Any = None
     ) -> None:
-        """Start a SUM all-reduce of ``payload`` (CPU, int64); never blocks."""
-        tensor = payload.detach().to("cpu", torch.int64).clone()
+        """Start a SUM all-reduce of ``payload``; never blocks.
+
+        The payload is reduced in place when it already is a CPU int64 tensor:
+        pass a fresh one.
+        """
+        tensor = payload.detach().to("cpu", torch.int64)
         work = None
         if self.group is not None and dist.get_world_size(self.group) > 1:
             work = dist.all_reduce(tensor, group=self.group, async_op=True)

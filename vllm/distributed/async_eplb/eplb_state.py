@@ -494,12 +494,7 @@ class EplbState:
             self._abort(f"vote failed: {exc}", local=True)
             return
         for result in results:
-            handler = {
-                "load": self._on_load_vote,
-                "ready": self._on_ready_vote,
-                "recover": self._on_recover_vote,
-                "log": self._on_log_vote,
-            }[result.kind]
+            handler = getattr(self, f"_on_{result.kind}_vote")
             handler(result)
 
     # -- load aggregation and planning -----------------------------------------
@@ -641,7 +636,8 @@ class EplbState:
         waiting_idle = self._plan_status == "planned" and not self._workers_idle()
         planned = planned and not waiting_idle
         states = list(self.model_states.values())
-        flags = [torch.zeros(s.model.num_moe_layers, dtype=torch.int64) for s in states]
+        # Plain Python lists, one tensor at the end: this runs every step.
+        flags = [[0] * s.model.num_moe_layers for s in states]
         error = self._local_error is not None
         staged_any = False
         for state, flag in zip(states, flags, strict=True):
@@ -654,8 +650,8 @@ class EplbState:
                 if self._local_error is None:
                     self._local_error = f"staging worker failed: {worker.error!r}"
             staged = [i for i in worker.staged_layers() if i in state.pending_layers]
-            if staged:
-                flag[staged] = 1
+            for layer in staged:
+                flag[layer] = 1
                 staged_any = True
         busy = any(s.pending_layers for s in states) or waiting_idle
         if staged_any or not busy:
@@ -665,8 +661,10 @@ class EplbState:
             self._local_error = self._local_error or (
                 f"no staging progress for {self.config.timeout_s:.1f} s"
             )
-        header = torch.tensor([int(error), int(planned), int(skip)], dtype=torch.int64)
-        self._launch("ready", torch.cat([header, *flags]), self._epoch)
+        payload = [int(error), int(planned), int(skip)]
+        for flag in flags:
+            payload += flag
+        self._launch("ready", torch.tensor(payload, dtype=torch.int64), self._epoch)
 
     def _on_ready_vote(self, result: VoteResult) -> None:
         if result.context != self._epoch or self._phase != "active":
