@@ -24,6 +24,7 @@ Relaunches itself under torchrun when not started by it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -400,6 +401,11 @@ def main() -> int:
     # Round-robin over the methods, one run each per round, so that load from
     # other processes hits them alike; medians are reported.
     ctx["repeats"] = 1
+    with_vllm = (
+        device.type == "cpu"
+        and not args.skip_vllm
+        and importlib.util.find_spec("vllm.distributed.eplb") is not None
+    )
     runs: dict[str, list[float]] = {}
     received: dict[str, int] = {}
     for _ in range(args.repeats):
@@ -414,7 +420,7 @@ def main() -> int:
             )
         if device.type == "cpu":
             runs.setdefault("gloo_floor", []).append(measure_gloo_floor(ctx)["seconds"])
-        if device.type == "cpu" and not args.skip_vllm:
+        if with_vllm:
             runs.setdefault("vllm", []).append(measure_vllm(ctx)["seconds"])
     med = {k: statistics.median(v) for k, v in runs.items()}
     results["runs_s"] = runs
