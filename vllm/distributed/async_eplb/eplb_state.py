@@ -829,6 +829,7 @@ class EplbState:
     def _rearrange_sync(self, payload: torch.Tensor, shapes: list) -> None:
         """All layers at once, blocking (``use_async=False``)."""
         assert self._vote is not None
+        payload = payload.to("cpu", torch.int64)  # the vote group is gloo
         if self._vote.group is not None:
             dist.all_reduce(payload, group=self._vote.group)
         plans = self._compute_plans(self._split(payload, shapes))
