@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from vllm.distributed.async_eplb.device import DeviceBackend
-from vllm.distributed.async_eplb.maps import ExpertMaps
+from vllm.distributed.async_eplb.maps import ExpertMaps, derive_logical_maps
 from vllm.distributed.async_eplb.planner import LayerPlan, plan_layers
 from vllm.distributed.async_eplb.staging import StagingBuffer
 from vllm.distributed.async_eplb.transports import (
@@ -95,6 +95,7 @@ class World:
         self.new = [placement(rng) for _ in range(NUM_LAYERS)]
         self.weights = [rank_weights(self.old, r) for r in range(NUM_RANKS)]
         self.block = threading.Event()
+        self.prepared = False
         self.maps = [
             ExpertMaps(torch.tensor(self.old), NUM_EXPERTS, NUM_RANKS * SLOTS)
             for _ in range(NUM_RANKS)
@@ -115,9 +116,16 @@ class World:
             torch.tensor(self.old), torch.tensor(self.new), NUM_RANKS, 2
         )
 
-    def submit(self, layers: Sequence[int], job_id: int = 1) -> None:
-        for w in self.workers:
-            w.submit(job_id, {layer: self.plans[layer] for layer in layers})
+    def submit(
+        self, layers: Sequence[int], job_id: int = 1, prepare_maps: bool = False
+    ) -> None:
+        self.prepared = prepare_maps
+        for r, w in enumerate(self.workers):
+            extra = {}
+            if prepare_maps:
+                rows = {layer: torch.tensor(self.new[layer]) for layer in layers}
+                extra = {"maps": self.maps[r], "new_rows": rows}
+            w.submit(job_id, {layer: self.plans[layer] for layer in layers}, **extra)
 
     def wait_staged(self, layer: int, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -129,7 +137,8 @@ class World:
 
     def commit(self, layer: int) -> None:
         for r, w in enumerate(self.workers):
-            w.commit_layer(layer, self.maps[r], torch.tensor(self.new[layer]))
+            row = None if self.prepared else torch.tensor(self.new[layer])
+            w.commit_layer(layer, self.maps[r], row)
 
     def assert_layer(self, layer: int, row: Sequence[int]) -> None:
         for r in range(NUM_RANKS):
@@ -139,6 +148,11 @@ class World:
                     got = self.weights[r][layer][t][s]
                     assert torch.equal(got.view(torch.uint8), want[t].view(torch.uint8))
             assert self.maps[r].phy2log[layer].tolist() == list(row)
+            log2phy, logcnt = derive_logical_maps(
+                torch.tensor(row), NUM_EXPERTS, self.maps[r].max_replicas
+            )
+            assert torch.equal(self.maps[r].log2phy[layer], log2phy)
+            assert torch.equal(self.maps[r].logcnt[layer], logcnt)
 
     def stop(self) -> None:
         for w in self.workers:
@@ -146,11 +160,13 @@ class World:
             assert not w.is_alive()
 
 
-@pytest.mark.parametrize("ring_size", [1, 2])
-def test_whole_job_is_bit_exact(ring_size: int) -> None:
+@pytest.mark.parametrize(
+    ("ring_size", "prepare_maps"), [(1, False), (2, False), (1, True)]
+)
+def test_whole_job_is_bit_exact(ring_size: int, prepare_maps: bool) -> None:
     world = World(seed=ring_size, ring_size=ring_size)
     try:
-        world.submit(range(NUM_LAYERS))
+        world.submit(range(NUM_LAYERS), prepare_maps=prepare_maps)
         assert all(w.busy for w in world.workers)
         for layer in range(NUM_LAYERS):
             world.wait_staged(layer)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm.distributed.async_eplb.device import DeviceBackend
-from vllm.distributed.async_eplb.maps import ExpertMaps
+from vllm.distributed.async_eplb.maps import ExpertMaps, LayerMaps
 from vllm.distributed.async_eplb.planner import LayerPlan
 from vllm.distributed.async_eplb.staging import (
     RowLayout,
@@ -73,10 +73,14 @@ class _Job:
     plans: dict[int, LayerPlan]
     ready_event: object
     allowed: int  # layers[:allowed] may be staged
+    maps: ExpertMaps | None = None  # with new_rows: maps prepared while staging
+    new_rows: dict[int, torch.Tensor] = field(default_factory=dict)
     next_index: int = 0
     cancelled: bool = False
-    # layer -> (ring slot, staged event); staged and not yet committed
-    staged: dict[int, tuple[int, object]] = field(default_factory=dict)
+    # layer -> (ring slot, staged event, prepared maps); staged, not committed
+    staged: dict[int, tuple[int, object, LayerMaps | None]] = field(
+        default_factory=dict
+    )
     committed: int = 0
 
     @property
@@ -158,8 +162,26 @@ class StagingWorker:
 
     # ---- main thread -----------------------------------------------------
 
-    def submit(self, job_id: int, plans: Mapping[int, LayerPlan]) -> None:
-        """Stage ``plans`` (layer -> plan) in ascending layer order."""
+    def submit(
+        self,
+        job_id: int,
+        plans: Mapping[int, LayerPlan],
+        *,
+        maps: ExpertMaps | None = None,
+        new_rows: Mapping[int, torch.Tensor] | None = None,
+    ) -> None:
+        """Stage ``plans`` (layer -> plan) in ascending layer order.
+
+        With ``maps`` and ``new_rows`` (layer -> new phy2log row) the worker
+        also prepares each layer's maps on the device while staging, so that
+        :meth:`commit_layer` needs no host work.
+        """
+        if (maps is None) != (new_rows is None):
+            raise ValueError("maps and new_rows must be given together")
+        if new_rows is not None and set(new_rows) != set(plans):
+            raise ValueError(
+                f"new_rows covers layers {sorted(new_rows)}, plans {sorted(plans)}"
+            )
         num_layers = len(self.expert_weights)
         slots = self.buffer.num_slots_per_rank
         for layer, plan in plans.items():
@@ -185,7 +207,13 @@ class StagingWorker:
             self.backend.record_event(ready)
             layers = sorted(plans)
             job = _Job(
-                job_id, layers, dict(plans), ready, allowed=self.buffer.ring_size
+                job_id,
+                layers,
+                dict(plans),
+                ready,
+                allowed=self.buffer.ring_size,
+                maps=maps,
+                new_rows={k: v.to("cpu") for k, v in (new_rows or {}).items()},
             )
             self._error = None
             self.stats = StagingStats(job_id=job_id)
@@ -202,23 +230,35 @@ class StagingWorker:
                 return []
             return sorted(
                 layer
-                for layer, (_, event) in job.staged.items()
+                for layer, (_, event, _) in job.staged.items()
                 if self.backend.event_done(event)
             )
 
-    def commit_layer(self, layer: int, maps: ExpertMaps, new_row: torch.Tensor) -> None:
+    def commit_layer(
+        self, layer: int, maps: ExpertMaps, new_row: torch.Tensor | None = None
+    ) -> None:
         """Copy ``layer``'s staged rows into the workspace, commit its maps.
 
         Runs on the caller's (forward) stream. Only changed slots are copied,
-        each run of consecutive slots as one slice copy.
+        each run of consecutive slots as one slice copy. ``new_row`` may be
+        left out when the job was submitted with ``new_rows``: the maps
+        prepared while staging are then committed with device copies only.
         """
         with self._cond:
             job = self._active
             if job is None or layer not in job.staged:
                 raise RuntimeError(f"layer {layer} is not staged in the current job")
-            ring_slot, staged_event = job.staged[layer]
-        maps.commit_layer(layer, new_row)  # validates first: raises, changes nothing
+            ring_slot, staged_event, prepared = job.staged[layer]
+        if new_row is not None:
+            maps.commit_layer(layer, new_row)  # validates first: raises, no change
+        elif prepared is None:
+            raise ValueError(
+                f"layer {layer} has no prepared maps: pass new_row, or submit "
+                "the job with maps and new_rows"
+            )
         self.backend.wait_event(staged_event)
+        if new_row is None:
+            maps.commit_prepared(layer, prepared)
         changed = job.plans[layer].ranks[self.rank].changed_slots
         copy_slot_runs(
             self.expert_weights[layer],
@@ -248,7 +288,7 @@ class StagingWorker:
     def _drop(self, job: _Job) -> None:
         """Forget ``job``'s staged layers (caller holds the lock)."""
         job.cancelled = True
-        for ring_slot, staged_event in job.staged.values():
+        for ring_slot, staged_event, _ in job.staged.values():
             self._free_slots.append((ring_slot, staged_event))
         job.staged.clear()
         if self._active is job:
@@ -302,6 +342,9 @@ class StagingWorker:
                 self.buffer.slot(ring_slot),
                 packed=self.buffer.packed(ring_slot),
             )
+            prepared = None
+            if job.maps is not None:
+                prepared = job.maps.prepare_layer(job.new_rows[layer])
             staged = backend.new_event()
             backend.record_event(staged)
             backend.synchronize_event(staged)
@@ -325,5 +368,5 @@ class StagingWorker:
             if job.cancelled:
                 self._free_slots.append((ring_slot, staged))
             else:
-                job.staged[layer] = (ring_slot, staged)
+                job.staged[layer] = (ring_slot, staged, prepared)
             self._cond.notify_all()
