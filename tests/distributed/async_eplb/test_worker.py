@@ -225,6 +225,27 @@ def test_error_carries_layer_and_peer_and_is_handed_over() -> None:
         world.stop()
 
 
+def test_idle_is_false_while_a_cancelled_layer_still_waits_on_peers() -> None:
+    world = World(seed=6)
+    try:
+        assert all(w.idle for w in world.workers)
+        world.block.set()
+        world.submit([0])
+        deadline = time.monotonic() + 10
+        while any(w.idle for w in world.workers):
+            assert time.monotonic() < deadline, "worker never entered the layer"
+            time.sleep(0.002)
+        for w in world.workers:
+            w.cancel()
+            assert not w.busy and not w.idle  # dropped, but still inside layer 0
+        world.block.clear()
+        while not all(w.idle for w in world.workers):
+            assert time.monotonic() < deadline, "worker never left the layer"
+            time.sleep(0.002)
+    finally:
+        world.stop()
+
+
 def test_stop_is_prompt_while_waiting_on_peers() -> None:
     world = World(seed=3)
     world.block.set()

@@ -98,9 +98,7 @@ class EpGroupInfo:
         dist.all_gather_object(gathered, ranks, group=get_world_group().cpu_group)
         nodes = max(1, get_node_count())
         per_node = len(ranks) // nodes if len(ranks) % nodes == 0 else len(ranks)
-        return cls(
-            ep.rank_in_group, ranks, tuple(tuple(r) for r in gathered), per_node
-        )
+        return cls(ep.rank_in_group, ranks, tuple(tuple(r) for r in gathered), per_node)
 
 
 @dataclass
@@ -550,7 +548,9 @@ class EplbState:
         plans = []
         for layer in range(old.shape[0]):
             plans += plan_layers(
-                old[layer : layer + 1], new[layer : layer + 1], ep.world_size,
+                old[layer : layer + 1],
+                new[layer : layer + 1],
+                ep.world_size,
                 ep.ranks_per_node,
             )
             # Hand the GIL back between layers: this runs beside the engine's
@@ -616,17 +616,19 @@ class EplbState:
             state.harvested = False
             if state.pending_layers:
                 jobs = {i: plan.plans[i] for i in state.pending_layers}
-                state.worker.submit(self._epoch, jobs)
+                rows = {i: plan.new_phy2log[i] for i in jobs}
+                # The worker prepares the maps on the device while staging.
+                state.worker.submit(self._epoch, jobs, maps=state.maps, new_rows=rows)
 
     def _workers_idle(self) -> bool:
         """No worker thread is still inside a layer of an earlier (aborted) job.
 
         Peers of a failed rank finish or time out of the layer they were
         staging; a new job must not start before, or its messages could meet
-        that layer's. Uses ``StagingWorker.idle`` where the worker has it.
+        that layer's.
         """
         return all(
-            s.worker is None or (not s.worker.busy and getattr(s.worker, "idle", True))
+            s.worker is None or (not s.worker.busy and s.worker.idle)
             for s in self.model_states.values()
         )
 
@@ -707,9 +709,7 @@ class EplbState:
                 committed = True
                 assert state.plan is not None
                 start = time.perf_counter()
-                state.worker.commit_layer(
-                    layer, state.maps, state.plan.new_phy2log[layer].to(self.device)
-                )
+                state.worker.commit_layer(layer, state.maps)
                 self.counters.commit_seconds.append(time.perf_counter() - start)
                 self.counters.layers_committed += 1
                 state.pending_layers.remove(layer)
@@ -746,7 +746,10 @@ class EplbState:
             logger.info(
                 "async EPLB: rebalance %d committed at step %d "
                 "(predicted balancedness %.4f -> %.4f)",
-                self._epoch, self.step_count, old, new,
+                self._epoch,
+                self.step_count,
+                old,
+                new,
             )
         self._end_epoch()
 
@@ -757,7 +760,10 @@ class EplbState:
             logger.info(
                 "async EPLB: skipping rebalance at step %d: predicted balancedness "
                 "%.4f -> %.4f, gain below VLLM_ASYNC_EPLB_MIN_GAIN=%.4f",
-                self.step_count, old, new, self.config.min_gain,
+                self.step_count,
+                old,
+                new,
+                self.config.min_gain,
             )
         self._end_epoch()
 
@@ -775,7 +781,10 @@ class EplbState:
             logger.error(
                 "async EPLB: rebalance %d aborted at step %d on rank %d: %s; "
                 "layers keep their placement, the next interval tries again",
-                self._epoch, self.step_count, self.ep.rank, cause,
+                self._epoch,
+                self.step_count,
+                self.ep.rank,
+                cause,
             )
         staging_started = self._plan_status == "submitted"
         for state in self.model_states.values():
@@ -796,7 +805,8 @@ class EplbState:
         if not self._spare_groups:
             logger.error(
                 "async EPLB: no spare staging group left after repeated transfer "
-                "failures; expert rebalancing stays off on rank %d", self.ep.rank
+                "failures; expert rebalancing stays off on rank %d",
+                self.ep.rank,
             )
             self._phase = "disabled"
             return
@@ -821,7 +831,11 @@ class EplbState:
                     "EPLB step: %d for model %s: avg_tokens=%.2f, "
                     "max_tokens=%d, balancedness=%.4f, "
                     "steps until the next rearrangement: %d",
-                    rearrangement_step, state.model_name, avg, int(peak), value,
+                    rearrangement_step,
+                    state.model_name,
+                    avg,
+                    int(peak),
+                    value,
                     remaining,
                 )
 
@@ -839,8 +853,9 @@ class EplbState:
         start = time.perf_counter()
         for state, plan in zip(self.model_states.values(), plans, strict=True):
             for layer in plan.changed_layers:
-                self._move_layer_now(state, layer, plan.plans[layer],
-                                     plan.new_phy2log[layer])
+                self._move_layer_now(
+                    state, layer, plan.plans[layer], plan.new_phy2log[layer]
+                )
             if plan.changed_layers:
                 state.window.placement_changed(state.maps.phy2log)
         self.counters.rebalances += 1
@@ -849,7 +864,9 @@ class EplbState:
             logger.info(
                 "async EPLB (sync mode): rearranged experts in %.3f s "
                 "(predicted balancedness %.4f -> %.4f)",
-                time.perf_counter() - start, old, new,
+                time.perf_counter() - start,
+                old,
+                new,
             )
 
     def _move_layer_now(
@@ -937,4 +954,3 @@ class EplbState:
 
     def update_communicator(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(_ELASTIC)
-

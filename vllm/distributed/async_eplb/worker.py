@@ -123,6 +123,7 @@ class StagingWorker:
             (i, None) for i in range(buffer.ring_size)
         )
         self._error: BaseException | None = None
+        self._in_layer = False  # the thread is staging a layer right now
         self._thread: threading.Thread | None = None
         transport.set_abort_check(self._stop.is_set)
 
@@ -146,13 +147,23 @@ class StagingWorker:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-            if self._thread.is_alive():
+            if self._thread.is_alive() and timeout > 0:
                 logger.warning("staging worker did not stop within %.1fs", timeout)
 
     @property
     def error(self) -> BaseException | None:
         """The last exception of the worker thread (cleared by ``submit``)."""
         return self._error
+
+    @property
+    def idle(self) -> bool:
+        """The thread is not inside a layer (of this or a dropped job).
+
+        A dropped job's layer may still be waiting on peers; a new job must
+        not start its transfers before, or their messages could meet.
+        """
+        with self._cond:
+            return not self._in_layer
 
     @property
     def busy(self) -> bool:
@@ -305,7 +316,11 @@ class StagingWorker:
                     task = self._next_task()
                     if task is None:
                         return
-                    self._stage(*task)
+                    try:
+                        self._stage(*task)
+                    finally:
+                        with self._cond:
+                            self._in_layer = False
         except BaseException as exc:  # never lost: handed to the main thread
             logger.exception("staging worker thread died")
             self._error = exc
@@ -320,6 +335,7 @@ class StagingWorker:
                         ring_slot, free_event = self._free_slots.popleft()
                         layer = job.layers[job.next_index]
                         job.next_index += 1
+                        self._in_layer = True
                         return job, layer, ring_slot, free_event
                     if job.cancelled or job.next_index == len(job.layers):
                         self._queue.popleft()
