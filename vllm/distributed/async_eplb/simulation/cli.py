@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Simulated expert-parallel MoE deployment: N CPU ranks (gloo) run the "
             "real async_eplb EplbState under a toy MoE decode loop with real, "
-            "moving expert weights. --device cuda runs the same on one GPU per "
-            "rank."
+            "moving expert weights. --device cuda runs the same on GPUs: one "
+            "per rank, or ranks sharing GPUs round-robin (then the model's "
+            "all-reduce uses gloo and --transport p2p is refused)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         default=defaults.device,
         choices=("cpu", "cuda"),
-        help="cuda needs one GPU per rank",
+        help="cuda: one GPU per rank, or ranks share GPUs round-robin",
     )
     add("--out", default=defaults.out, help="directory for report.json and plot.png")
     add("--no-progress", action="store_true", help="no progress bar")

@@ -124,10 +124,12 @@ class SimConfig:
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda":
             found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if found < self.ranks:
+            if found == 0:
+                raise ValueError("--device cuda: no CUDA device found")
+            if found < self.ranks and self.transport == "p2p":
                 raise ValueError(
-                    f"--device cuda needs one GPU per rank: --ranks {self.ranks}, "
-                    f"found {found} CUDA devices"
+                    f"--transport p2p needs one GPU per rank (NCCL refuses two "
+                    f"ranks on one GPU): --ranks {self.ranks}, found {found} GPUs"
                 )
 
     def eplb_knobs(self) -> AsyncEplbConfig:
@@ -374,9 +376,13 @@ def run_rank(
 ) -> SimulationResult | None:
     """One EP rank, from process-group set-up to shutdown; rank 0 gets the result."""
     if config.device == "cuda":
-        device = torch.device("cuda", rank)
+        num_gpus = torch.cuda.device_count()
+        device = torch.device("cuda", rank % num_gpus)
         torch.cuda.set_device(device)
-        backend = "cpu:gloo,cuda:nccl"
+        # Ranks sharing a GPU cannot share an NCCL communicator: the toy
+        # model's all-reduce then goes through gloo (host copies).
+        shared = num_gpus < config.ranks
+        backend = "cpu:gloo,cuda:gloo" if shared else "cpu:gloo,cuda:nccl"
     else:
         device = torch.device("cpu")
         backend = "gloo"
