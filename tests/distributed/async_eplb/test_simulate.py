@@ -101,10 +101,10 @@ def test_cuda_without_enough_gpus_is_refused():
     if found == 0:
         with pytest.raises(ValueError, match="no CUDA device found"):
             SimConfig(device="cuda").validate()
-    else:  # ranks may share GPUs, but NCCL's p2p may not
-        SimConfig(device="cuda", transport="ipc").validate()
+        return
+    SimConfig(device="cuda", transport="ipc").validate()  # ranks may share GPUs
     with pytest.raises(ValueError, match=r"p2p needs one GPU per rank.*--ranks 4"):
-        SimConfig(device="cuda", transport="p2p").validate()
+        SimConfig(device="cuda", transport="p2p").validate()  # NCCL may not
 
 
 def test_auto_load_replays_the_trace_only_where_it_fits(tmp_path):
