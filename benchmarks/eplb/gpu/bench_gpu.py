@@ -428,13 +428,13 @@ def measure_cuda_graph(backend: DeviceBackend) -> dict:
     transport = make_transport("gloo-staged", backend=backend, group=dist.group.WORLD)
     worker = StagingWorker([workspace], buffer, transport, backend, rank=0)
     worker.start()
-    worker.submit(1, {0: plan})
+    worker.submit(1, {0: plan}, maps=maps, new_rows={0: new})
     deadline = time.monotonic() + 30
     while 0 not in worker.staged_layers():
         if worker.error is not None or time.monotonic() > deadline:
             raise RuntimeError(f"staging failed: {worker.error}")
         time.sleep(0.001)
-    worker.commit_layer(0, maps, new)
+    worker.commit_layer(0, maps)
     worker.stop()
     graph.replay()
     torch.cuda.synchronize()
