@@ -201,6 +201,58 @@ def _replace_gain(
 
 
 @_jit
+def _giver_penalty(
+    weight,
+    giver,
+    count,
+    holders,
+    load,
+    delta,
+    marked,
+    touched,
+    slots_per_rank,
+    target,
+    slot,
+    hot,
+):
+    """Load pushed above target on the ranks (other than ``hot`` and the slot's)
+    that keep ``giver`` when ``slot`` stops holding it."""
+    giver_count = count[giver]
+    rise = weight[giver] / (giver_count - 1) - weight[giver] / giver_count
+    own_rank = slot // slots_per_rank
+    num_touched = 0
+    for k in range(giver_count):
+        rank = holders[giver, k] // slots_per_rank
+        if rank in (own_rank, hot):
+            continue
+        delta[rank] += rise
+        if not marked[rank]:
+            marked[rank] = True
+            touched[num_touched] = rank
+            num_touched += 1
+    penalty = 0.0
+    for k in range(num_touched):
+        rank = touched[k]
+        penalty += _excess(load[rank] + delta[rank], target) - _excess(
+            load[rank], target
+        )
+        delta[rank] = 0.0
+        marked[rank] = False
+    return penalty
+
+
+@_jit
+def _shares_a_rank(on_rank, holders, count, giver, expert, slot, slots_per_rank, hot):
+    """Whether a rank other than ``hot`` and the slot's holds both experts."""
+    own_rank = slot // slots_per_rank
+    for k in range(count[giver]):
+        rank = holders[giver, k] // slots_per_rank
+        if rank != own_rank and rank != hot and on_rank[rank, expert] > 0:
+            return True
+    return False
+
+
+@_jit
 def _forget_holder(holders, count, expert, slot):
     last = count[expert] - 1
     for k in range(last + 1):
@@ -409,6 +461,22 @@ def _repair_layer(
             shed = mine_share - (on_rank[hot, mine] - 1) * (
                 weight[mine] / (mine_count - 1) - mine_share
             )
+            # Upper bounds on a move's gain subtract this when the new expert
+            # shares no rank with the old one (it then cannot offset it).
+            penalty = _giver_penalty(
+                weight,
+                mine,
+                count,
+                holders,
+                load,
+                delta,
+                marked,
+                touched,
+                slots_per_rank,
+                target,
+                slot,
+                hot,
+            )
             for expert in range(num_experts):
                 if expert == mine or (aligned and count[expert] >= goal_count[expert]):
                     continue
@@ -419,7 +487,12 @@ def _repair_layer(
                     continue
                 newness = _newness_change(on_rank, was_on_rank, hot, expert, mine)
                 cost = _move_cost(newness, on_node[hot_node, expert] == 0)
-                if (min(relief, hot_excess) + other_excess) <= best_score * cost:
+                bound = min(relief, hot_excess) + other_excess
+                if bound <= best_score * cost:
+                    continue
+                if bound - penalty <= best_score * cost and not _shares_a_rank(
+                    on_rank, holders, count, mine, expert, slot, slots_per_rank, hot
+                ):
                     continue
                 gain = _replace_gain(
                     weight,
@@ -449,6 +522,12 @@ def _repair_layer(
             if count[theirs] < 2 or (aligned and count[theirs] <= goal_count[theirs]):
                 continue
             node = rank // ranks_per_node
+            # This rank's load change, exact; the bound below uses it.
+            theirs_share = slot_load[other_slot]
+            rank_shift = (on_rank[rank, theirs] - 1) * (
+                weight[theirs] / (count[theirs] - 1) - theirs_share
+            ) - theirs_share
+            penalty = -1.0  # computed when first needed
             for i in range(slots_per_rank):
                 expert = row[hot * slots_per_rank + i]
                 if expert == theirs or (
@@ -458,7 +537,44 @@ def _repair_layer(
                 relief = on_rank[hot, expert] * dilution[expert]
                 newness = _newness_change(on_rank, was_on_rank, rank, expert, theirs)
                 cost = _move_cost(newness, on_node[node, expert] == 0)
-                if (min(relief, hot_excess) + other_excess) <= best_score * cost:
+                new_rank_load = (
+                    load[rank]
+                    + rank_shift
+                    + share_up[expert]
+                    - on_rank[rank, expert] * dilution[expert]
+                )
+                bound = (
+                    min(relief, hot_excess)
+                    + other_excess
+                    - _excess(new_rank_load, target)
+                )
+                if bound <= best_score * cost:
+                    continue
+                if penalty < 0.0:
+                    penalty = _giver_penalty(
+                        weight,
+                        theirs,
+                        count,
+                        holders,
+                        load,
+                        delta,
+                        marked,
+                        touched,
+                        slots_per_rank,
+                        target,
+                        other_slot,
+                        hot,
+                    )
+                if bound - penalty <= best_score * cost and not _shares_a_rank(
+                    on_rank,
+                    holders,
+                    count,
+                    theirs,
+                    expert,
+                    other_slot,
+                    slots_per_rank,
+                    hot,
+                ):
                     continue
                 gain = _replace_gain(
                     weight,
