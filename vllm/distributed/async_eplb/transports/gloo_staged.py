@@ -1,7 +1,8 @@
 """Point-to-point staging over gloo, through pinned host memory.
 
 The CPU default and the fallback where device collectives are unsafe or
-missing. On CPU the messages go straight from the packed rows; on a device
+missing. On CPU the messages go straight from and to the packed rows (see
+``P2PTransport``: receives posted first, sends as soon as packed); on a device
 they are copied to and from pinned host rows on the worker's stream.
 """
 
@@ -31,9 +32,9 @@ class GlooStagedTransport(P2PTransport):
         super().__init__(backend, group, timeout=timeout)
         self._host = torch.empty(0, dtype=torch.uint8)
 
-    def _run(self, messages: Sequence[Message]) -> None:
+    def _run(self, messages: Sequence[Message], tag: int) -> None:
         if self.backend.is_synchronous:
-            super()._run(messages)
+            super()._run(messages, tag)
             return
         total = sum(m.rows.numel() for m in messages)
         if self._host.numel() < total:
@@ -49,7 +50,7 @@ class GlooStagedTransport(P2PTransport):
         # Packing copies (and the previous layer's reads of the host rows)
         # must be finished before gloo touches host memory.
         self.backend.synchronize_stream(self.backend.current_stream())
-        super()._run(host_messages)
+        super()._run(host_messages, tag)
         for m, host in zip(messages, host_messages, strict=True):
             if not m.is_send:
                 m.rows.copy_(host.rows, non_blocking=True)

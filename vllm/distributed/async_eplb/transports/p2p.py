@@ -3,12 +3,21 @@
 The experts one rank sends to a peer are packed, all weight tensors included,
 into ``row_bytes`` rows (a per-tensor message is about half as fast). On
 device collectives each run of consecutive target slots is one message that
-lands straight in the receiver's staging rows; on gloo, which pays per
-message, each peer gets one message, spread to its slots on arrival.
+lands straight in the receiver's staging rows, posted as one coalesced batch.
+On gloo, which pays per message, each peer gets one message, spread to its
+slots on arrival; on CPU the receives are posted first and each send as soon
+as it is packed, and the rank's local copies run while the bytes travel.
+
+Every message carries a tag derived from (job, layer within the job), so a
+message left unmatched by an aborted job can never be received by a later one
+on the same group. gloo honours tags; NCCL and HCCL ignore them, so on device
+collectives the same guarantee comes from replacing the staging group after an
+abort (what ``EplbState`` does when it recovers).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +38,22 @@ from vllm.distributed.async_eplb.transports import (
     row_nbytes,
 )
 
-__all__ = ["Message", "P2PTransport", "wait_works"]
+__all__ = ["Message", "P2PTransport", "message_tag", "wait_works"]
+
+_JOB_BITS, _LAYER_BITS = 15, 16  # tag < 2**31: gloo takes a non-negative int
+_ABORT_POLL_S = 2e-3
+
+
+def message_tag(job: int, layer_seq: int) -> int:
+    """The tag of every message of layer ``layer_seq`` of job ``job``.
+
+    Jobs and layers wrap (32768 jobs, 65536 layers per job): a stale message
+    would have to survive 32767 later jobs to be matched.
+    """
+    if job < 0 or layer_seq < 0:
+        raise ValueError(f"job {job} and layer {layer_seq} must be >= 0")
+    job_bits = job & ((1 << _JOB_BITS) - 1)
+    return (job_bits << _LAYER_BITS) | (layer_seq & ((1 << _LAYER_BITS) - 1))
 
 
 @dataclass
@@ -55,6 +79,83 @@ def _by_peer(
     }
 
 
+def _raise_if_aborted(should_abort: Callable[[], bool], waiting_on: list[int]) -> None:
+    if should_abort():
+        raise TransferError(f"aborted while waiting for ranks {waiting_on}", waiting_on)
+
+
+def _poll_works(
+    works: Sequence[Any],
+    peers: Sequence[Sequence[int]],
+    deadline: float,
+    timeout: float,
+    should_abort: Callable[[], bool],
+) -> None:
+    """Poll device-collective works until done, aborted or past the deadline."""
+    delay = 1e-4
+    pending = list(range(len(works)))
+    while pending:
+        pending = [i for i in pending if not works[i].is_completed()]
+        if not pending:
+            return
+        waiting_on = sorted({p for i in pending for p in peers[i]})
+        _raise_if_aborted(should_abort, waiting_on)
+        if time.monotonic() > deadline:
+            raise TransferError(
+                f"timed out after {timeout:.1f}s waiting for ranks {waiting_on}",
+                waiting_on,
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 2e-3)
+
+
+def _wait_each(
+    works: Sequence[Any], peers: Sequence[Sequence[int]], deadline: float
+) -> None:
+    """One bounded ``wait`` per work, all within ``deadline``."""
+    for work, work_peers in zip(works, peers, strict=True):
+        remaining = max(deadline - time.monotonic(), 1e-3)
+        try:
+            work.wait(timeout=timedelta(seconds=remaining))
+        except Exception as exc:
+            raise TransferError(
+                f"transfer with ranks {list(work_peers)} failed: {exc}", work_peers
+            ) from exc
+
+
+def _wait_gloo(
+    works: Sequence[Any],
+    peers: Sequence[Sequence[int]],
+    deadline: float,
+    should_abort: Callable[[], bool],
+) -> None:
+    """gloo works: one bounded ``wait`` each, on a helper thread.
+
+    gloo's point-to-point works report completion only from ``wait``, and a
+    ``wait`` that times out closes the group's connections, so they cannot be
+    polled in short slices. The waits run on a daemon thread while this one
+    checks ``should_abort``; an abort returns at once and leaves that thread
+    to finish or time out (closing the connections of a group the caller is
+    giving up on: after an abort, staging moves to a fresh group).
+    """
+    failure: list[BaseException] = []
+
+    def wait_all() -> None:
+        try:
+            _wait_each(works, peers, deadline)
+        except BaseException as exc:  # handed to the calling thread
+            failure.append(exc)
+
+    waiter = threading.Thread(target=wait_all, name="async-eplb-gloo-wait", daemon=True)
+    waiter.start()
+    while waiter.is_alive():
+        waiter.join(_ABORT_POLL_S)  # returns as soon as the waits are done
+        if waiter.is_alive():
+            _raise_if_aborted(should_abort, sorted({p for ps in peers for p in ps}))
+    if failure:
+        raise failure[0]
+
+
 def wait_works(
     works: Sequence[Any],
     peers: Sequence[Sequence[int]],
@@ -65,38 +166,20 @@ def wait_works(
 ) -> None:
     """Wait for every work, never longer than ``timeout``; errors name peers.
 
-    ``pollable`` works (NCCL, HCCL) are polled, so that a stop request ends
-    the wait promptly. gloo's point-to-point works only progress inside
-    ``wait`` and a timed-out wait closes the connection, so they get one
-    bounded ``wait(timeout)`` each.
+    Gives up with ``TransferError`` as soon as ``should_abort()`` is true (a
+    stop request), without waiting out ``timeout``. ``pollable`` works (NCCL,
+    HCCL) are polled; gloo's are waited for on a helper thread (see
+    ``_wait_gloo``).
     """
     deadline = time.monotonic() + timeout
-    delay = 1e-4
-    pending = list(range(len(works))) if pollable else []
-    while pending:
-        pending = [i for i in pending if not works[i].is_completed()]
-        if not pending:
-            break
-        waiting_on = sorted({p for i in pending for p in peers[i]})
-        if should_abort():
-            raise TransferError(
-                f"aborted while waiting for ranks {waiting_on}", waiting_on
-            )
-        if time.monotonic() > deadline:
-            raise TransferError(
-                f"timed out after {timeout:.1f}s waiting for ranks {waiting_on}",
-                waiting_on,
-            )
-        time.sleep(delay)
-        delay = min(delay * 2, 2e-3)
-    for work, work_peers in zip(works, peers, strict=True):
-        remaining = max(deadline - time.monotonic(), 1e-3)
-        try:
-            work.wait(timeout=timedelta(seconds=remaining))
-        except Exception as exc:
-            raise TransferError(
-                f"transfer with ranks {list(work_peers)} failed: {exc}", work_peers
-            ) from exc
+    if not works:
+        return
+    _raise_if_aborted(should_abort, sorted({p for ps in peers for p in ps}))
+    if pollable:
+        _poll_works(works, peers, deadline, timeout, should_abort)
+        _wait_each(works, peers, deadline)
+    else:
+        _wait_gloo(works, peers, deadline, should_abort)
 
 
 class P2PTransport(Transport):
@@ -108,6 +191,21 @@ class P2PTransport(Transport):
         self.timeout = timeout
         self.pollable = "gloo" not in str(dist.get_backend(group))
         self._scratch = torch.empty(0, dtype=torch.uint8, device=backend.device)
+        self._global_rank: dict[int, int] = {}
+        self._job = 0
+        self._layer_seq = 0
+
+    def prepare_job(self, job_id: int | None = None) -> None:
+        """Start a new job's tag space; all ranks call it before its first layer.
+
+        ``job_id`` (agreed by every rank) is preferred; without it the job is
+        counted here, which stays agreed as long as every rank stages at least
+        one layer of every job.
+        """
+        if job_id is not None and job_id < 0:
+            raise ValueError(f"job_id must be >= 0, got {job_id}")
+        self._job = self._job + 1 if job_id is None else job_id
+        self._layer_seq = 0
 
     def stage_layer(
         self,
@@ -118,8 +216,14 @@ class P2PTransport(Transport):
         *,
         packed: torch.Tensor | None = None,
     ) -> int:
-        copy_local(plan.ranks[rank], weights, buffers)
-        return self.exchange(plan, rank, weights, buffers, packed=packed)
+        return self.exchange(
+            plan,
+            rank,
+            weights,
+            buffers,
+            packed=packed,
+            local=lambda: copy_local(plan.ranks[rank], weights, buffers),
+        )
 
     def exchange(
         self,
@@ -130,12 +234,22 @@ class P2PTransport(Transport):
         *,
         packed: torch.Tensor | None = None,
         peers: set[int] | None = None,
+        local: Callable[[], None] | None = None,
     ) -> int:
-        """Sends and receives of ``rank`` with ``peers`` (all when ``None``)."""
+        """Sends and receives of ``rank`` with ``peers`` (all when ``None``).
+
+        ``local`` (the rank's own copies) runs while messages are in flight
+        where the transport allows, else before them. Every call is one layer
+        of the current job on every rank (it advances the message tag).
+        """
+        tag = message_tag(self._job, self._layer_seq)
+        self._layer_seq += 1
         rank_plan = plan.ranks[rank]
         sends = _by_peer(rank_plan.sends, lambda t: t.dst_rank, peers)
         recvs = _by_peer(rank_plan.receives, lambda t: t.src_rank, peers)
         if not sends and not recvs:
+            if local is not None:
+                local()
             return 0
         layout = RowLayout.of(weights)
         recv_spans = [
@@ -150,15 +264,8 @@ class P2PTransport(Transport):
             if not straight
         )
         scratch = self._scratch_rows(scratch_rows, layout.row_bytes)
-        messages: list[Message] = []
         cursor = 0
-        for peer, ts in sends.items():
-            rows = scratch[cursor : cursor + len(ts)]
-            cursor += len(ts)
-            runs = slot_runs(range(len(ts)), [t.src_slot for t in ts])
-            copy_slot_runs(layout.views(rows), weights, runs)
-            for offset, length in self._message_spans(ts):
-                messages.append(Message(True, peer, rows[offset : offset + length]))
+        receives: list[Message] = []
         spread: list[tuple[torch.Tensor, list[tuple[int, int, int]]]] = []
         for (peer, ts), straight in zip(recv_spans, direct, strict=True):
             if straight:  # lands in the staging rows themselves
@@ -170,12 +277,38 @@ class P2PTransport(Transport):
                 cursor += len(ts)
                 firsts = [t.dst_slots[0] for t in ts]
                 spread.append((rows, slot_runs(firsts, range(len(ts)))))
-            messages.append(Message(False, peer, rows))
-        self._run(messages)
+            receives.append(Message(False, peer, rows))
+        packed_sends: list[tuple[int, list[Transfer], torch.Tensor]] = []
+        for peer, ts in sends.items():
+            packed_sends.append((peer, ts, scratch[cursor : cursor + len(ts)]))
+            cursor += len(ts)
+
+        def pack(ts: Sequence[Transfer], rows: torch.Tensor) -> None:
+            runs = slot_runs(range(len(ts)), [t.src_slot for t in ts])
+            copy_slot_runs(layout.views(rows), weights, runs)
+
+        if self._streams_messages:
+            self._stream(receives, packed_sends, pack, local, tag)
+        else:
+            if local is not None:
+                local()
+            messages = list(receives)
+            for peer, ts, rows in packed_sends:
+                pack(ts, rows)
+                messages += [
+                    Message(True, peer, rows[offset : offset + length])
+                    for offset, length in self._message_spans(ts)
+                ]
+            self._run(messages, tag)
         for rows, runs in spread:
             copy_slot_runs(buffers, layout.views(rows), runs)
         copy_duplicates(rank_plan, buffers, peers)
         return sum(map(len, recvs.values())) * row_nbytes(weights)
+
+    @property
+    def _streams_messages(self) -> bool:
+        """Post messages one by one as they are ready (gloo on host memory)."""
+        return not self.pollable and self.backend.is_synchronous
 
     def _message_spans(self, transfers: Sequence[Transfer]) -> list[tuple[int, int]]:
         """``(offset, length)`` of each message between one pair of ranks.
@@ -186,7 +319,7 @@ class P2PTransport(Transport):
         slots, each landing straight in the staging rows (no receive copy).
         Depends only on the plan and the group, so both sides split alike.
         """
-        if not self.pollable:
+        if not self.pollable and not self._streams_messages:
             return [(0, len(transfers))]
         spans: list[tuple[int, int]] = []
         for i, t in enumerate(transfers):
@@ -196,14 +329,49 @@ class P2PTransport(Transport):
                 spans.append((i, 1))
         return spans
 
-    def _run(self, messages: Sequence[Message]) -> None:
+    def _peer(self, peer: int) -> int:
+        global_rank = self._global_rank.get(peer)
+        if global_rank is None:
+            global_rank = dist.get_global_rank(self.group, peer)
+            self._global_rank[peer] = global_rank
+        return global_rank
+
+    def _stream(
+        self,
+        receives: Sequence[Message],
+        sends: Sequence[tuple[int, list[Transfer], torch.Tensor]],
+        pack: Callable[[Sequence[Transfer], torch.Tensor], None],
+        local: Callable[[], None] | None,
+        tag: int,
+    ) -> None:
+        """Receives first, each send once packed, local copies meanwhile.
+
+        A peer that is ready can deliver at once, and a slow peer is waited
+        for while this rank still has copying to do.
+        """
+        works, peers = [], []
+        for m in receives:
+            works.append(dist.irecv(m.rows, self._peer(m.peer), self.group, tag))
+            peers.append([m.peer])
+        for peer, ts, rows in sends:
+            pack(ts, rows)
+            for offset, length in self._message_spans(ts):
+                message = rows[offset : offset + length]
+                works.append(dist.isend(message, self._peer(peer), self.group, tag))
+                peers.append([peer])
+        if local is not None:
+            local()
+        wait_works(works, peers, self.timeout, self.should_abort, pollable=False)
+
+    def _run(self, messages: Sequence[Message], tag: int) -> None:
         """Post every message as one batch and wait for all of them."""
         ops = [
             dist.P2POp(
                 dist.isend if m.is_send else dist.irecv,
                 m.rows,
-                dist.get_global_rank(self.group, m.peer),
+                self._peer(m.peer),
                 self.group,
+                tag,
             )
             for m in messages
         ]
