@@ -8,10 +8,19 @@ decision taken from it is identical everywhere. By then the all-reduce has
 normally completed and reading it does not wait. Only a vote still incomplete
 at its due step is waited for, and one still incomplete ``timeout_s`` later
 raises ``VoteTimeout`` (the caller aborts the rebalance).
+
+A caller that votes while something is in flight (the "ready" vote of a
+rebalance) need not launch at every step: :meth:`NonBlockingVote.may_launch`
+allows one vote of a kind in flight at a time, launched at the first step after
+the previous one was read. That rule depends only on the step counter and on
+votes every rank read at the same steps, so all ranks launch the same votes at
+the same steps; it leaves about one step in ``delay + 1`` launching, one
+reading and the rest free, where a vote per step made every step pay both.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
@@ -82,26 +91,49 @@ class NonBlockingVote:
         self.blocking_waits = 0
         """Votes that were not complete at their due step (each waited for)."""
         self._pending: deque[_Pending] = deque()
+        self._in_flight: dict[str, int] = {}  # kind -> votes launched, not read
+        self._last_read: dict[str, int] = {}  # kind -> step its last vote was read
+        # The process group's own allreduce: dist.all_reduce's Python checks
+        # cost more than the launch itself, on a path that runs every step.
+        self._allreduce = None
+        if group is not None and dist.get_world_size(group) > 1:
+            options = dist.AllreduceOptions()
+            options.reduceOp = dist.ReduceOp.SUM
+            self._allreduce = functools.partial(group.allreduce, opts=options)
 
     @property
     def num_pending(self) -> int:
         return len(self._pending)
 
+    def may_launch(self, step: int, kind: str) -> bool:
+        """No vote of ``kind`` in flight, and none was read at ``step``.
+
+        Identical on every rank (launches and reads happen at agreed steps);
+        the step after a read gives the caller's state time to move on.
+        """
+        return not self._in_flight.get(kind) and self._last_read.get(kind) != step
+
     def launch(
-        self, step: int, kind: str, payload: torch.Tensor, context: Any = None
+        self,
+        step: int,
+        kind: str,
+        payload: torch.Tensor | Sequence[int],
+        context: Any = None,
     ) -> None:
         """Start a SUM all-reduce of ``payload``; never blocks.
 
-        The payload is reduced in place when it already is a CPU int64 tensor:
-        pass a fresh one.
+        A list of ints is the cheapest payload; a CPU int64 tensor is reduced
+        in place: pass a fresh one.
         """
-        tensor = payload.detach().to("cpu", torch.int64)
-        work = None
-        if self.group is not None and dist.get_world_size(self.group) > 1:
-            work = dist.all_reduce(tensor, group=self.group, async_op=True)
+        if isinstance(payload, torch.Tensor):
+            tensor = payload.detach().to("cpu", torch.int64)
+        else:
+            tensor = torch.tensor(payload, dtype=torch.int64)
+        work = None if self._allreduce is None else self._allreduce([tensor])
         self._pending.append(
             _Pending(kind, step, step + self.delay, tensor, work, context)
         )
+        self._in_flight[kind] = self._in_flight.get(kind, 0) + 1
 
     def collect(self, step: int) -> list[VoteResult]:
         """Votes due at or before ``step``, in launch order.
@@ -125,6 +157,8 @@ class NonBlockingVote:
                         )
                     time.sleep(_POLL_S)
             self._pending.popleft()
+            self._in_flight[item.kind] -= 1
+            self._last_read[item.kind] = step
             if item.work is not None:
                 try:
                     item.work.wait()
