@@ -382,7 +382,7 @@ def run_rank(
         # Ranks sharing a GPU cannot share an NCCL communicator: the toy
         # model's all-reduce then goes through gloo (host copies).
         shared = num_gpus < config.ranks
-        backend = "cpu:gloo,cuda:gloo" if shared else "cpu:gloo,cuda:nccl"
+        backend = "gloo" if shared else "cpu:gloo,cuda:nccl"
     else:
         device = torch.device("cpu")
         backend = "gloo"
