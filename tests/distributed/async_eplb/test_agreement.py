@@ -61,3 +61,24 @@ def test_counter_counts_only_blocking_calls_of_its_thread() -> None:
 def test_two_ranks_agree_and_time_out_together() -> None:
     proc = run_torchrun(SCRIPT, 2, timeout=120)
     assert proc.stdout.count("VOTE OK") == 2, proc.stdout[-2000:]
+
+
+def test_one_vote_of_a_kind_in_flight_next_launch_the_step_after_its_read() -> None:
+    vote = NonBlockingVote(None, delay=2, timeout_s=1.0)
+    launched = []
+    for step in range(1, 11):
+        vote.collect(step)
+        if vote.may_launch(step, "ready"):
+            vote.launch(step, "ready", [step])
+            launched.append(step)
+        if step == 4:
+            vote.launch(step, "load", [0])  # other kinds do not hold it back
+    # launched at 1, read at 3, next at 4, read at 6, next at 7, ...
+    assert launched == [1, 4, 7, 10]
+
+
+def test_list_payload_is_its_own_total_on_one_rank() -> None:
+    vote = NonBlockingVote(None, delay=1, timeout_s=1.0)
+    vote.launch(0, "ready", [3, 0, 1])
+    (result,) = vote.collect(1)
+    assert result.total.dtype == torch.int64 and result.total.tolist() == [3, 0, 1]

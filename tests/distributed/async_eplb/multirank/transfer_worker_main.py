@@ -6,8 +6,13 @@ The main thread stands in for the agreement: an all-reduce of "staged" flags,
 then every rank commits the same layers.
 
 Modes, run in order in one launch: ``full`` (two jobs back to back),
-``cancel`` (cancel after one commit, then a new job), ``fault`` (rank 1 fails
-on layer 1: the others must time out naming it; must come last).
+``cancel`` (cancel after one commit, then a new job), ``abort`` (2 ranks: rank
+0 waits for a rank that is not there and gives up on its abort check well
+before the transport timeout; the late peer then completes the layer),
+``tags`` (2 ranks: rank 0's job 1 is aborted with its messages unmatched; job 2
+must receive only job 2's bytes, then the stale job 1 messages are matched),
+``fault`` (rank 1 fails on layer 1: the others must time out naming it; must
+come last).
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ class Scenario:
 
     def __init__(self, args, staging_group, mode: str) -> None:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.staging_group = staging_group
         self.spr = args.slots_per_rank
         self.rpn = args.ranks_per_node
         num_slots = self.world_size * self.spr
@@ -192,7 +198,84 @@ def run_fault(sc: Scenario, world) -> str:
     raise AssertionError("the injected failure went unnoticed")
 
 
-MODES = {"full": run_full, "cancel": run_cancel, "fault": run_fault}
+def _stage_layer0(sc: Scenario, transport, weights, buffer, job: int) -> None:
+    transport.prepare_job(job)
+    transport.stage_layer(
+        sc.plans(sc.old, sc.new)[0], sc.rank, weights, buffer.slot(0),
+        packed=buffer.packed(0),
+    )
+
+
+def _check_staged_layer0(sc: Scenario, buffer) -> None:
+    plan = sc.plans(sc.old, sc.new)[0]
+    for slot in plan.ranks[sc.rank].changed_slots:
+        want = expert_rows(0, sc.new[0][sc.rank * sc.spr + slot])
+        for t, staged in enumerate(buffer.slot(0)):
+            got = staged[slot].view(torch.uint8)
+            if not torch.equal(got, want[t].view(torch.uint8)):
+                raise AssertionError(f"rank {sc.rank} staged slot {slot} tensor {t}")
+
+
+def _fresh_transport(sc: Scenario, group, abort_after_s: float | None):
+    backend = DeviceBackend.for_device("cpu")
+    transport = make_transport("gloo-staged", backend=backend, group=group, timeout=60)
+    if abort_after_s is not None:
+        give_up = time.monotonic() + abort_after_s
+        transport.set_abort_check(lambda: time.monotonic() > give_up)
+    return transport, StagingBuffer(sc.weights[0], backend)
+
+
+def run_abort(sc: Scenario, world) -> str:
+    """The abort check ends a gloo wait long before the 60 s timeout."""
+    assert sc.world_size == 2, "abort mode needs 2 ranks"
+    abort_after = 0.5 if sc.rank == 0 else None
+    transport, buffer = _fresh_transport(sc, sc.staging_group, abort_after)
+    result = "completed late"
+    if sc.rank == 0:
+        start = time.monotonic()
+        try:
+            _stage_layer0(sc, transport, sc.weights[0], buffer, job=1)
+            raise AssertionError("the wait did not notice the abort")
+        except TransferError as exc:
+            elapsed = time.monotonic() - start
+            assert "aborted" in str(exc) and exc.peers == (1,), exc
+            assert elapsed < 10, f"abort took {elapsed:.1f} s"
+            result = f"aborted after {elapsed:.2f} s (timeout 60 s)"
+    dist.barrier(group=world)  # rank 1 shows up only now
+    if sc.rank == 1:  # rank 0's messages are still posted: the layer completes
+        _stage_layer0(sc, transport, sc.weights[0], buffer, job=1)
+        _check_staged_layer0(sc, buffer)
+    dist.barrier(group=world)
+    return result
+
+
+def run_tags(sc: Scenario, world) -> str:
+    """A later job never receives an aborted job's unmatched messages."""
+    assert sc.world_size == 2, "tags mode needs 2 ranks"
+    abort_after = 0.3 if sc.rank == 0 else None
+    transport, buffer = _fresh_transport(sc, sc.staging_group, abort_after)
+    stale_weights = [torch.zeros_like(w) for w in sc.weights[0]]
+    if sc.rank == 0:  # job 1: sends zeros, posts receives; rank 1 never comes
+        try:
+            _stage_layer0(sc, transport, stale_weights, buffer, job=1)
+            raise AssertionError("job 1 was not aborted")
+        except TransferError:
+            pass
+        transport.set_abort_check(lambda: False)
+    dist.barrier(group=world)
+    _stage_layer0(sc, transport, sc.weights[0], buffer, job=2)
+    _check_staged_layer0(sc, buffer)  # job 2's bytes, not job 1's zeros
+    if sc.rank == 1:  # match job 1's stale messages, so every wait ends cleanly
+        other = StagingBuffer(sc.weights[0], DeviceBackend.for_device("cpu"))
+        _stage_layer0(sc, transport, stale_weights, other, job=1)
+    dist.barrier(group=world)
+    return "job 2 received only its own messages"
+
+
+MODES = {
+    "full": run_full, "cancel": run_cancel, "abort": run_abort, "tags": run_tags,
+    "fault": run_fault,
+}
 
 
 def main() -> int:
