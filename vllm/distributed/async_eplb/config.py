@@ -81,8 +81,14 @@ class AsyncEplbConfig:
             raise ValueError(
                 f"{ENV_PREFIX}_POLICY={self.policy!r} is not one of {POLICIES}"
             )
-        if not self.transport:
-            raise ValueError(f"{ENV_PREFIX}_TRANSPORT={self.transport!r} is empty")
+        # Imported here: the transports need torch, the plugin's check does not.
+        from vllm.distributed.async_eplb.transports import TRANSPORT_NAMES
+
+        if self.transport not in TRANSPORT_NAMES:
+            raise ValueError(
+                f"{ENV_PREFIX}_TRANSPORT={self.transport!r} is not one of "
+                f"{TRANSPORT_NAMES}"
+            )
         if self.layers_per_step < 1:
             raise ValueError(
                 f"{ENV_PREFIX}_LAYERS_PER_STEP={self.layers_per_step!r} must be >= 1"

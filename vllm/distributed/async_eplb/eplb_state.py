@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,7 +59,10 @@ __all__ = ["EpGroupInfo", "EplbCounters", "EplbModelState", "EplbState"]
 _ELASTIC = "elastic expert parallelism is not supported by async_eplb"
 
 # Layout of a "ready" vote payload, before the per-layer staged flags.
-_ERROR, _PLANNED, _SKIP, _HEADER = 0, 1, 2, 3
+_ERROR, _PLANNED, _SKIP, _DEAD, _HEADER = 0, 1, 2, 3, 4
+# Timing samples kept in EplbCounters: the most recent ones, so that weeks of
+# serving do not grow memory.
+_MAX_SAMPLES = 65536
 # Staging groups kept in reserve: a failed transfer can leave a gloo group
 # unusable (pairs closed on timeout), and creating a group is a collective of
 # the whole world, which an abort in one EP group cannot run.
@@ -118,6 +122,18 @@ class EplbCounters:
     """(old, new) predicted balancedness of the last planned rebalance."""
     last_balancedness: float | None = None
     """Last logged balancedness (mean/max tokens per rank)."""
+    worker_deaths: int = 0
+    """Staging worker threads found dead (summed over the EP group)."""
+    balancing_enabled: bool = True
+    """False once rebalancing was turned off; serving goes on unbalanced."""
+    disabled_cause: str | None = None
+
+
+def _keep_recent(samples: list[float], new: Sequence[float]) -> None:
+    """Append ``new``; past ``_MAX_SAMPLES``, drop the oldest half."""
+    samples.extend(new)
+    if len(samples) > _MAX_SAMPLES:
+        del samples[: len(samples) - _MAX_SAMPLES // 2]
 
 
 @dataclass
@@ -199,6 +215,24 @@ def _initial_phy2log(model: Any) -> torch.Tensor:
     return torch.tensor(row, dtype=torch.int64).expand(model.num_moe_layers, -1)
 
 
+def _join_helper_threads(deadline: float) -> list[str]:
+    """Wait until ``deadline`` for this subsystem's threads; names of the rest.
+
+    A stopped worker may leave a transport's helper thread waiting out a
+    transfer it gave up on (bounded by the transfer timeout); its process
+    group must outlive that wait. Our threads are named ``async-eplb-*``.
+    """
+    me = threading.current_thread()
+    ours = [
+        t
+        for t in threading.enumerate()
+        if t is not me and t.name.startswith("async-eplb-")
+    ]
+    for thread in ours:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in ours if t.is_alive()]
+
+
 def _config_hash(model_config: Any) -> str:
     return model_config.compute_hash()
 
@@ -217,6 +251,10 @@ class EplbState:
         if getattr(parallel_config, "enable_elastic_ep", False):
             raise NotImplementedError(_ELASTIC)
         eplb_config = parallel_config.eplb_config
+        for name in ("window_size", "step_interval"):
+            value = getattr(eplb_config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"eplb_config.{name}={value!r} must be an int >= 1")
         self.parallel_config = parallel_config
         self.device = torch.device(device)
         self.config = config or AsyncEplbConfig.from_env()
@@ -236,8 +274,11 @@ class EplbState:
         self._staging_group: dist.ProcessGroup | None = None
         self._backend: Any = None
         self._epoch = 0
-        self._phase = "idle"  # idle | aggregating | active | recovering
+        # idle | aggregating | active | recovering | disabled | shut down
+        self._phase = "idle"
         self._spare_groups: list[dist.ProcessGroup | None] = []
+        # Staging groups given up after a failure: destroyed at shutdown.
+        self._retired_groups: list[dist.ProcessGroup | None] = []
         self._planner = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="async-eplb-plan"
         )
@@ -247,6 +288,7 @@ class EplbState:
         self._plan_status = "none"  # none|planning|planned|submitted|skip|failed
         self._plans: list[_Plan] = []
         self._local_error: str | None = None
+        self._local_exc: BaseException | None = None
         self._last_progress = time.monotonic()
         self._async_started = False
 
@@ -286,20 +328,10 @@ class EplbState:
         from vllm.distributed.async_eplb.device import DeviceBackend
         from vllm.distributed.async_eplb.staging import StagingBuffer
 
-        if getattr(model, "num_moe_layers", 0) <= 0:
-            raise ValueError(f"model {type(model).__name__} has no MoE layers")
-        if self.model_states:
-            registered = next(iter(self.model_states.values())).model
-            self._check_same_geometry(registered, model)
-        ep = self.ep
-        if model.num_physical_experts % ep.world_size:
-            raise ValueError(
-                f"{model.num_physical_experts} physical experts are not divisible "
-                f"by {ep.world_size} EP ranks"
-            )
+        initial = self._check_model(model)
         self._ensure_groups()
         maps = ExpertMaps(
-            _initial_phy2log(model),
+            initial,
             model.num_logical_experts,
             max_replicas_for(model.num_redundant_experts),
             device=self.device,
@@ -359,6 +391,62 @@ class EplbState:
             self._backend,
             rank=self.ep.rank,
         )
+
+    def _check_model(self, model: Any) -> torch.Tensor:
+        """Refuse a model EPLB cannot serve, before anything is changed.
+
+        Returns the initial ``phy2log``. Every rank sees the same geometry, so
+        all ranks refuse together, before the collective group creation.
+        """
+        from vllm.distributed.async_eplb.staging import RowLayout
+
+        num_layers = getattr(model, "num_moe_layers", 0)
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError(
+                f"model {type(model).__name__} has no MoE layers "
+                f"(num_moe_layers={num_layers!r})"
+            )
+        if self.model_states:
+            registered = next(iter(self.model_states.values())).model
+            self._check_same_geometry(registered, model)
+        configured = getattr(
+            self.parallel_config.eplb_config, "num_redundant_experts", None
+        )
+        if configured is not None and configured != model.num_redundant_experts:
+            raise ValueError(
+                f"model has {model.num_redundant_experts} redundant experts, "
+                f"eplb_config.num_redundant_experts is {configured}"
+            )
+        world = self.ep.world_size
+        if model.num_physical_experts % world:
+            raise ValueError(
+                f"{model.num_physical_experts} physical experts are not divisible "
+                f"by {world} EP ranks"
+            )
+        initial = _initial_phy2log(model)
+        weights = getattr(model, "expert_weights", None)
+        if weights is None or len(weights) != num_layers:
+            found = "none" if weights is None else len(weights)
+            raise ValueError(
+                f"model has {num_layers} MoE layers but expert weights for {found}"
+            )
+        layout = RowLayout.of(weights[0])
+        local = model.num_physical_experts // world
+        for layer, layer_weights in enumerate(weights):
+            if layer_weights[0].shape[0] != local:
+                raise ValueError(
+                    f"layer {layer}'s expert weights hold "
+                    f"{layer_weights[0].shape[0]} slots, expected {local} "
+                    f"({model.num_physical_experts} physical / {world} ranks)"
+                )
+            found_layout = RowLayout.of(layer_weights)
+            if found_layout != layout:
+                raise ValueError(
+                    f"layer {layer}'s expert weights (shapes {found_layout.shapes}, "
+                    f"dtypes {found_layout.dtypes}) differ from layer 0's "
+                    f"(shapes {layout.shapes}, dtypes {layout.dtypes})"
+                )
+        return initial
 
     @staticmethod
     def _check_same_geometry(model: Any, new_model: Any) -> None:
@@ -428,6 +516,8 @@ class EplbState:
         self, is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False
     ) -> None:
         """Once per engine step on every rank, dummy steps included."""
+        if self._phase == "shut down":
+            return
         if is_profile:
             self.rearrange(is_profile=True)
             return
@@ -457,12 +547,20 @@ class EplbState:
 
         if self.is_async:
             self._collect_votes()
-        if (
+        interval_due = (
             self.expert_rearrangement_step >= self.expert_rearrangement_step_interval
-            and self._phase == "idle"
-        ):
+        )
+        if interval_due and self._phase == "idle":
             self.expert_rearrangement_step = 0
             self.rearrange()
+        elif interval_due and self._phase == "disabled":
+            self.expert_rearrangement_step = 0
+            if self.ep.rank == 0:
+                logger.warning(
+                    "async EPLB: expert rebalancing is OFF (%s); serving on the "
+                    "current placement",
+                    self.counters.disabled_cause,
+                )
         if self.is_async and self._phase == "active":
             # One ready vote in flight, launched the step after the last read.
             if self._vote.may_launch(self.step_count, "ready"):
@@ -518,6 +616,9 @@ class EplbState:
         payload = torch.cat([t.reshape(-1) for t in totals])
         if self.is_async:
             self._phase = "aggregating"
+            # The last entry counts ranks whose staging worker died (idle).
+            dead = torch.tensor([int(self._dead_worker() is not None)])
+            payload = torch.cat([payload.to("cpu", torch.int64), dead])
             self._launch("load", payload, (self._epoch, [t.shape for t in totals]))
             return None
         self._rearrange_sync(payload, [t.shape for t in totals])
@@ -581,9 +682,14 @@ class EplbState:
         epoch, shapes = result.context
         if epoch != self._epoch or self._phase != "aggregating":
             return
-        loads = self._split(result.total, shapes)
+        dead = int(result.total[-1])
+        if dead:
+            self._disable(dead)
+            return
+        loads = self._split(result.total[:-1], shapes)
         self._phase = "active"
         self._local_error = None
+        self._local_exc = None
         self._last_progress = time.monotonic()
         self._plan_future = self._planner.submit(self._compute_plans, loads)
         self._plan_status = "planning"
@@ -621,7 +727,13 @@ class EplbState:
                 jobs = {i: plan.plans[i] for i in state.pending_layers}
                 rows = {i: plan.new_phy2log[i] for i in jobs}
                 # The worker prepares the maps on the device while staging.
-                state.worker.submit(self._epoch, jobs, maps=state.maps, new_rows=rows)
+                try:
+                    state.worker.submit(
+                        self._epoch, jobs, maps=state.maps, new_rows=rows
+                    )
+                except RuntimeError as exc:  # a dead worker: the next vote aborts
+                    self._local_error = f"staging worker refused the job: {exc}"
+                    self._local_exc = exc
 
     def _workers_idle(self) -> bool:
         """No worker thread is still inside a layer of an earlier (aborted) job.
@@ -653,7 +765,8 @@ class EplbState:
             if worker.error is not None and self._plan_status == "submitted":
                 error = True
                 if self._local_error is None:
-                    self._local_error = f"staging worker failed: {worker.error!r}"
+                    self._local_error = f"staging worker failed: {worker.error}"
+                    self._local_exc = worker.error
             staged = [i for i in worker.staged_layers() if i in state.pending_layers]
             for layer in staged:
                 flag[layer] = 1
@@ -666,7 +779,8 @@ class EplbState:
             self._local_error = self._local_error or (
                 f"no staging progress for {self.config.timeout_s:.1f} s"
             )
-        payload = [int(error), int(planned), int(skip)]
+        dead = int(self._dead_worker() is not None)
+        payload = [int(error), int(planned), int(skip), dead]
         for flag in flags:
             payload += flag
         self._launch("ready", torch.tensor(payload, dtype=torch.int64), self._epoch)
@@ -675,6 +789,9 @@ class EplbState:
         if result.context != self._epoch or self._phase != "active":
             return
         total, world = result.total, self.ep.world_size
+        if int(total[_DEAD]) > 0:
+            self._disable(int(total[_DEAD]))
+            return
         if int(total[_ERROR]) > 0:
             self._abort(
                 self._local_error or f"{int(total[_ERROR])} other rank(s) failed",
@@ -713,7 +830,8 @@ class EplbState:
                 assert state.plan is not None
                 start = time.perf_counter()
                 state.worker.commit_layer(layer, state.maps)
-                self.counters.commit_seconds.append(time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                _keep_recent(self.counters.commit_seconds, [elapsed])
                 self.counters.layers_committed += 1
                 state.pending_layers.remove(layer)
                 budget -= 1
@@ -728,7 +846,7 @@ class EplbState:
         if stats is None or stats.job_id != self._epoch or state.harvested:
             return
         self.counters.bytes_moved += int(stats.bytes_received)
-        self.counters.staging_seconds.extend(stats.layer_seconds.values())
+        _keep_recent(self.counters.staging_seconds, list(stats.layer_seconds.values()))
         state.harvested = True
 
     def _end_epoch(self) -> None:
@@ -737,6 +855,7 @@ class EplbState:
         self._plan_status = "none"
         self._plans = []
         self._local_error = None
+        self._local_exc = None
         for state in self.model_states.values():
             state.plan = None
             state.pending_layers = []
@@ -788,17 +907,62 @@ class EplbState:
                 self.step_count,
                 self.ep.rank,
                 cause,
+                exc_info=self._local_exc if local else None,
             )
         staging_started = self._plan_status == "submitted"
+        self._stop_workers(request_only=staging_started)
+        self._end_epoch()
+        if staging_started:
+            self._phase = "recovering"
+
+    def _stop_workers(self, *, request_only: bool) -> None:
+        """Drop the in-flight job; with ``request_only`` also ask threads to end.
+
+        Not joined here: a thread may still wait on peers for up to the
+        transfer timeout, and the step loop must not.
+        """
         for state in self.model_states.values():
             if state.worker is None:
                 continue
             state.worker.cancel()
-            if staging_started:
-                state.worker.stop(timeout=0.0)  # request only: joined later
+            if request_only:
+                state.worker.stop(timeout=0.0)
+
+    def _dead_worker(self) -> BaseException | None:
+        """What killed one of this rank's staging threads, if one died."""
+        for state in self.model_states.values():
+            if state.worker is not None and state.worker.death is not None:
+                return state.worker.death
+        return None
+
+    def _disable(self, dead_ranks: int) -> None:
+        """Turn rebalancing off on every rank (same vote, same step).
+
+        A dead staging thread is a bug, not a transfer failure: rather than
+        restart into it again, serving goes on with the current placement,
+        and the counters and an error log line on every rank say so.
+        """
+        death = self._dead_worker()
+        where = f"on this rank: {death!r}" if death else "on another rank"
+        cause = (
+            f"staging worker thread died on {dead_ranks} rank(s) ({where})"
+        )
+        self.counters.worker_deaths += dead_ranks
+        self._turn_off(cause)
+
+    def _turn_off(self, cause: str) -> None:
+        self.counters.balancing_enabled = False
+        self.counters.disabled_cause = cause
+        logger.error(
+            "async EPLB: expert rebalancing is OFF from step %d on rank %d: %s; "
+            "serving continues on the current placement",
+            self.step_count,
+            self.ep.rank,
+            cause,
+        )
+        self._stop_workers(request_only=True)
         self._end_epoch()
-        if staging_started:
-            self._phase = "recovering"
+        self._phase = "disabled"
 
     def _on_recover_vote(self, result: VoteResult) -> None:
         if result.context != self._epoch or self._phase != "recovering":
@@ -806,13 +970,11 @@ class EplbState:
         if int(result.total[0]) < self.ep.world_size:
             return  # some rank's worker is still inside a transfer
         if not self._spare_groups:
-            logger.error(
-                "async EPLB: no spare staging group left after repeated transfer "
-                "failures; expert rebalancing stays off on rank %d",
-                self.ep.rank,
+            self._turn_off(
+                "no spare staging group left after repeated transfer failures"
             )
-            self._phase = "disabled"
             return
+        self._retired_groups.append(self._staging_group)
         self._staging_group = self._spare_groups.pop(0)
         for state in self.model_states.values():
             state.transport = self._new_transport(state)
@@ -827,7 +989,11 @@ class EplbState:
         for state, rank_tokens in zip(
             self.model_states.values(), self._split(result.total, shapes), strict=True
         ):
-            avg, peak, value = balancedness(rank_tokens)
+            try:
+                avg, peak, value = balancedness(rank_tokens)
+            except ValueError as exc:  # bad load from the router: say so, go on
+                logger.warning("async EPLB: not logging balancedness: %s", exc)
+                continue
             self.counters.last_balancedness = value
             if self.ep.rank == 0:
                 logger.info(
@@ -890,7 +1056,7 @@ class EplbState:
         )
         self._backend.synchronize()
         self.counters.bytes_moved += int(received)
-        self.counters.staging_seconds.append(time.perf_counter() - start)
+        _keep_recent(self.counters.staging_seconds, [time.perf_counter() - start])
         # Peers may read our old rows until they are done: wait for all of them.
         if self._vote is not None and self._vote.group is not None:
             dist.barrier(group=self._vote.group)
@@ -901,7 +1067,7 @@ class EplbState:
         copy_slot_runs(weights, buffers, slot_runs(changed, changed))
         state.maps.commit_layer(layer, new_row.to(self.device))
         self._backend.synchronize()
-        self.counters.commit_seconds.append(time.perf_counter() - start)
+        _keep_recent(self.counters.commit_seconds, [time.perf_counter() - start])
         self.counters.layers_committed += 1
 
     def _profile_transfer(self) -> None:
@@ -935,12 +1101,64 @@ class EplbState:
                 state.worker.cancel()
         self._end_epoch()
 
-    def shutdown(self) -> None:
-        """Stop the workers and the planning thread."""
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the threads, free the staging memory and our process groups.
+
+        Every rank calls it (the engine shuts all ranks down), also in the
+        middle of a rebalance: workers end after the layer they are in, which
+        their peers are finishing too. A worker still inside a transfer after
+        ``timeout`` seconds keeps its staging group alive (destroying a group
+        under a waiting thread is unsafe); it is a daemon and cannot block
+        the process's exit. ``step()`` does nothing afterwards.
+        """
+        if self._phase == "shut down":
+            return
+        self._phase = "shut down"
+        workers = [s.worker for s in self.model_states.values() if s.worker]
+        for worker in workers:
+            worker.stop(timeout=0.0)
+        deadline = time.monotonic() + timeout
+        for worker in workers:
+            worker.stop(timeout=max(0.0, deadline - time.monotonic()))
+        self._planner.shutdown(wait=True, cancel_futures=True)
+        stuck = _join_helper_threads(deadline)
+        if stuck:
+            logger.warning(
+                "async EPLB: threads %s still inside a transfer %.1f s after "
+                "shutdown; their process groups are left to the process exit",
+                stuck,
+                timeout,
+            )
         for state in self.model_states.values():
-            if state.worker is not None:
-                state.worker.stop()
-        self._planner.shutdown(wait=False, cancel_futures=True)
+            state.worker = state.transport = state.buffer = None
+            state.plan = None
+            state.pending_layers = []
+        self._destroy_groups(keep_staging=bool(stuck))
+
+    def _destroy_groups(self, *, keep_staging: bool) -> None:
+        """Destroy the private gloo groups (local: no collective needed).
+
+        Votes still in flight are waited for first (every rank launched them,
+        within the vote timeout); a group with a stuck vote is left alone.
+        """
+        groups = [*self._spare_groups]
+        if not keep_staging:
+            groups += [self._staging_group, *self._retired_groups]
+            self._retired_groups = []
+        if self._vote is not None:
+            try:
+                self._vote.drain()
+                groups.append(self._vote.group)
+            except VoteError as exc:
+                logger.warning("async EPLB: vote group left open at shutdown: %s", exc)
+        self._vote = None
+        self._staging_group = None
+        self._spare_groups = []
+        if not dist.is_initialized():
+            return  # the world (and every group in it) is already gone
+        for group in groups:
+            if group is not None:
+                dist.destroy_process_group(group)
 
     def update_mapping(self, model_config: Any, expanded_physical_to_logical: Any):
         raise NotImplementedError(_ELASTIC)

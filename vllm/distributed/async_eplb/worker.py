@@ -10,6 +10,12 @@ more at each commit. ``cancel`` drops the layers not yet allowed; a layer
 already allowed is still staged (peers are staging it too, and their messages
 must be matched) and then thrown away. Workspace weights change only in
 ``commit_layer``, so a cancelled layer leaves them untouched.
+
+Fault injection (tests only): :func:`install_fault_hook` sets a process-wide
+callable the worker thread calls before staging each layer, with the job id
+and the layer. It may raise (staging fails), sleep (staging is slow) or raise
+a ``BaseException`` that is not an ``Exception`` (the thread dies). Nothing in
+the package installs one; unset, it costs one global read per staged layer.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,9 +40,23 @@ from vllm.distributed.async_eplb.staging import (
 )
 from vllm.distributed.async_eplb.transports import TransferError, Transport
 
-__all__ = ["StagingError", "StagingStats", "StagingWorker"]
+__all__ = ["StagingError", "StagingStats", "StagingWorker", "install_fault_hook"]
 
 logger = logging.getLogger(__name__)
+
+FaultHook = Callable[[int, int], None]
+"""``hook(job_id, layer)``, called by the worker thread before staging a layer."""
+_fault_hook: FaultHook | None = None
+
+
+def install_fault_hook(hook: FaultHook | None) -> None:
+    """Test only: make every staging worker of this process call ``hook``.
+
+    ``None`` removes it. Used by the reliability tests to inject a failure,
+    a slow transfer or a thread death at a chosen job and layer.
+    """
+    global _fault_hook
+    _fault_hook = hook
 
 
 class StagingError(RuntimeError):
@@ -123,6 +143,7 @@ class StagingWorker:
             (i, None) for i in range(buffer.ring_size)
         )
         self._error: BaseException | None = None
+        self._death: BaseException | None = None
         self._in_layer = False  # the thread is staging a layer right now
         self._thread: threading.Thread | None = None
         transport.set_abort_check(self._stop.is_set)
@@ -154,6 +175,15 @@ class StagingWorker:
     def error(self) -> BaseException | None:
         """The last exception of the worker thread (cleared by ``submit``)."""
         return self._error
+
+    @property
+    def death(self) -> BaseException | None:
+        """What ended the thread unexpectedly (not a stop request), else None."""
+        return self._death
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
 
     @property
     def idle(self) -> bool:
@@ -324,6 +354,7 @@ class StagingWorker:
         except BaseException as exc:  # never lost: handed to the main thread
             logger.exception("staging worker thread died")
             self._error = exc
+            self._death = exc
 
     def _next_task(self) -> tuple[_Job, int, int, object] | None:
         """Wait for a layer the worker may stage; ``None`` means stop."""
@@ -351,6 +382,9 @@ class StagingWorker:
                 backend.synchronize_event(job.ready_event)
                 self.transport.prepare_job()
             backend.wait_event(free_event)
+            hook = _fault_hook
+            if hook is not None:
+                hook(job.job_id, layer)
             received = self.transport.stage_layer(
                 job.plans[layer],
                 self.rank,
@@ -368,7 +402,8 @@ class StagingWorker:
             peers = exc.peers if isinstance(exc, TransferError) else ()
             error = StagingError(layer, peers, exc)
             error.__cause__ = exc
-            logger.error("%s", error)
+            # Logged once, by the main thread, if it concerns a live job.
+            logger.debug("%s", error)
             with self._cond:
                 self._error = error
                 self._free_slots.append((ring_slot, None))

@@ -1,0 +1,334 @@
+"""torchrun script: faults injected into EplbState driving the toy MoE (gloo, CPU).
+
+Each scenario runs on a fresh ``EplbState`` and ``ToyMoE``, in one process
+group, in the order given; ``shutdown`` must come last (it ends the process).
+At every step, on every rank, the output must equal the unmoved reference bit
+for bit (an assertion here fails the run). Faults are injected through the
+worker's test-only hook (``worker.install_fault_hook``) on one rank:
+
+- ``raise``: staging a layer raises on rank 1, in the middle of a job;
+- ``slow``: staging a layer sleeps past the timeout on rank 2;
+- ``die``: the staging thread of rank 3 dies (a ``BaseException``);
+- ``soak``: ``--soak-rebalances`` rebalances under drifting load, the
+  workspace checked against the maps after each, RSS sampled after each;
+- ``shutdown``: every rank shuts EplbState down in the middle of a rebalance,
+  then checks threads, staging memory and process groups, and exits normally.
+
+Writes ``<out-dir>/<scenario>-rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import threading
+import time
+import weakref
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from vllm.distributed.async_eplb import worker as worker_module
+from vllm.distributed.async_eplb.config import AsyncEplbConfig
+from vllm.distributed.async_eplb.eplb_state import EpGroupInfo, EplbState
+from vllm.distributed.async_eplb.simulation.toy_moe import ToyMoE
+
+LAYERS, EXPERTS, REDUNDANT, TOKENS, TOP_K = 3, 16, 4, 48, 2
+TIMEOUT_S = 1.0
+MODEL_CONFIG = SimpleNamespace(model="toy", compute_hash=lambda: "toy-hash")
+
+
+class WorkerKilled(BaseException):
+    """Not an ``Exception``: escapes the per-layer handler and ends the thread."""
+
+
+class ErrorRecords(logging.Handler):
+    """Keeps the text (message and traceback) of every ERROR record."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.texts: list[str] = []
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.texts.append(self.format(record))
+
+
+def routing(step: int, phase_len: int) -> torch.Tensor:
+    """Skewed top-k ids whose hot experts change every ``phase_len`` steps."""
+    phase = step // phase_len
+    ids = []
+    for layer in range(LAYERS):
+        gen = torch.Generator().manual_seed(1000 * phase + layer)
+        order = torch.randperm(EXPERTS, generator=gen)
+        probs = torch.empty(EXPERTS)
+        probs[order] = 1.0 / torch.arange(1, EXPERTS + 1, dtype=torch.float) ** 1.5
+        gen.manual_seed(step * 31 + layer)
+        ids.append(torch.multinomial(probs.expand(TOKENS, -1), TOP_K, generator=gen))
+    return torch.stack(ids)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def make_state(
+    interval: int, window: int, layers_per_step: int
+) -> tuple[EplbState, ToyMoE]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    eplb_config = SimpleNamespace(
+        window_size=window,
+        step_interval=interval,
+        num_redundant_experts=REDUNDANT,
+        log_balancedness=False,
+        log_balancedness_interval=1,
+        use_async=True,
+    )
+    parallel_config = SimpleNamespace(
+        eplb_config=eplb_config, enable_elastic_ep=False, num_ubatches=0
+    )
+    model = ToyMoE(LAYERS, EXPERTS, REDUNDANT, world, rank, hidden_size=8,
+                   top_k=TOP_K, dtype=torch.bfloat16)
+    config = AsyncEplbConfig(
+        min_gain=0.0, vote_delay=1, timeout_s=TIMEOUT_S,
+        layers_per_step=layers_per_step,
+    )
+    state = EplbState(
+        parallel_config, "cpu", ep_group=EpGroupInfo.whole_world(2), config=config
+    )
+    state.add_model(model, MODEL_CONFIG)
+    state.step(is_dummy=True, is_profile=True)
+    state.start_async_loop()
+    return state, model
+
+
+def workspace_matches_maps(state: EplbState, model: ToyMoE) -> bool:
+    maps = state.model_states["toy-hash"].maps
+    slots = model.num_local_physical_experts
+    first = model.rank * slots
+    return all(
+        model.slot_experts(layer) == maps.phy2log[layer, first : first + slots].tolist()
+        for layer in range(LAYERS)
+    )
+
+
+def one_step(state: EplbState, model: ToyMoE, step: int, phase_len: int) -> float:
+    """Forward (checked against the reference), then ``state.step``; its seconds."""
+    ids = routing(step, phase_len)
+    state.prepare_forward(MODEL_CONFIG, TOKENS)
+    out = model.forward(ids)
+    assert torch.equal(out, model.reference_forward(ids)), (
+        f"rank {model.rank} step {step}: output differs from the reference"
+    )
+    start = time.perf_counter()
+    state.step()
+    return time.perf_counter() - start
+
+
+def drive(
+    state: EplbState,
+    model: ToyMoE,
+    steps: int,
+    phase_len: int,
+    until: Any = None,
+) -> dict:
+    """Run steps; log every abort, commit and turn-off with step and epoch.
+
+    ``until(state, events)`` ends the run early; it must be the same on all
+    ranks (events are: the counters change at agreed steps).
+    """
+    c = state.counters
+    events: list[tuple[int, str, int]] = []
+    step_seconds: list[float] = []
+    for step in range(steps):
+        before = (c.aborts, c.rebalances, c.balancing_enabled, c.skips)
+        epoch = state._epoch  # a step may end one rebalance and start the next
+        step_seconds.append(one_step(state, model, step, phase_len))
+        if c.aborts != before[0]:
+            events.append((step, "abort", epoch))
+        if c.rebalances != before[1]:
+            assert workspace_matches_maps(state, model), f"step {step}: workspace"
+            events.append((step, "rebalance", epoch))
+        if c.skips != before[3]:
+            events.append((step, "skip", epoch))
+        if c.balancing_enabled != before[2]:
+            events.append((step, "off", epoch))
+        if until is not None and until(state, events):
+            break
+    assert workspace_matches_maps(state, model), "final workspace"
+    return {"events": events, "max_step_s": max(step_seconds), "steps": step + 1}
+
+
+def agree(value: Any) -> None:
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    assert all(g == gathered[0] for g in gathered), f"ranks disagree: {gathered}"
+
+
+def fire_once(kind: str, on_rank: int, at_call: int = 2) -> None:
+    """Install a hook that injects ``kind`` at the ``at_call``-th staged layer."""
+    if dist.get_rank() != on_rank:
+        worker_module.install_fault_hook(None)
+        return
+    calls = {"n": 0}
+
+    def hook(job_id: int, layer: int) -> None:
+        calls["n"] += 1
+        if calls["n"] != at_call:
+            return
+        if kind == "raise":
+            raise RuntimeError(
+                f"injected staging failure (job {job_id}, layer {layer})"
+            )
+        if kind == "slow":
+            time.sleep(2.5 * TIMEOUT_S)
+        if kind == "die":
+            raise WorkerKilled(f"injected thread death (job {job_id}, layer {layer})")
+
+    worker_module.install_fault_hook(hook)
+
+
+def recovered(state: EplbState, events: list) -> bool:
+    """Stop once a rebalance committed after an abort or a turn-off + 2 intervals."""
+    kinds = [kind for _, kind, _ in events]
+    if "abort" in kinds and "rebalance" in kinds[kinds.index("abort"):]:
+        return True
+    if "off" in kinds:
+        off_step = events[kinds.index("off")][0]
+        return state.step_count > off_step + 2 * 8 + 2
+    return False
+
+
+def fault_scenario(kind: str, on_rank: int, steps: int, errors: ErrorRecords) -> dict:
+    state, model = make_state(interval=8, window=4, layers_per_step=1)
+    errors.texts.clear()
+    fire_once(kind, on_rank)
+    result = drive(state, model, steps, phase_len=8, until=recovered)
+    worker_module.install_fault_hook(None)
+    agree(result["events"])
+    c = state.counters
+    result.update(
+        aborts=c.aborts,
+        rebalances=c.rebalances,
+        abort_cause=c.last_abort_cause,
+        balancing_enabled=c.balancing_enabled,
+        disabled_cause=c.disabled_cause,
+        worker_deaths=c.worker_deaths,
+        errors=list(errors.texts),
+        timeout_s=TIMEOUT_S,
+    )
+    start = time.perf_counter()
+    state.shutdown()
+    result["shutdown_s"] = time.perf_counter() - start
+    return result
+
+
+def soak_scenario(rebalances: int) -> dict:
+    state, model = make_state(interval=4, window=4, layers_per_step=LAYERS)
+    c = state.counters
+    samples: list[int] = []
+    step = 0
+    start = time.perf_counter()
+    moved_rebalances = 0
+    while c.rebalances < rebalances:
+        before, committed = c.rebalances, c.layers_committed
+        one_step(state, model, step, phase_len=5)
+        step += 1
+        if c.rebalances != before:
+            assert workspace_matches_maps(state, model), f"step {step}: workspace"
+            moved_rebalances += c.layers_committed != committed
+            samples.append(rss_bytes())
+        assert c.aborts == 0, c.last_abort_cause
+        assert step < 40 * rebalances, "rebalances stopped happening"
+    seconds = time.perf_counter() - start
+    gc.collect()
+    samples.append(rss_bytes())
+    agree((c.rebalances, c.layers_committed, state.model_states["toy-hash"]
+           .maps.phy2log.tolist()))
+    warm = samples[min(len(samples) - 1, max(10, len(samples) // 5))]
+    result = {
+        "rebalances": c.rebalances,
+        "rebalances_moving_weights": moved_rebalances,
+        "layers_committed": c.layers_committed,
+        "aborts": c.aborts,
+        "steps": step,
+        "seconds": seconds,
+        "rss_after_warmup": warm,
+        "rss_end": samples[-1],
+        "rss_max_after_warmup": max(samples[samples.index(warm):]),
+    }
+    state.shutdown()
+    return result
+
+
+def shutdown_scenario() -> dict:
+    groups_before = len(dist.distributed_c10d._world.pg_map)
+    state, model = make_state(interval=8, window=4, layers_per_step=1)
+    ms = state.model_states["toy-hash"]
+    buffer_ref = weakref.ref(ms.buffer._packed)
+
+    def mid_rebalance(s: EplbState, events: Any = None) -> bool:
+        pending = s.model_states["toy-hash"].pending_layers
+        plan = s.model_states["toy-hash"].plan
+        return bool(pending) and len(pending) < len(plan.changed_layers)
+
+    result = drive(state, model, 200, phase_len=8, until=mid_rebalance)
+    assert mid_rebalance(state), "no step in the middle of a rebalance"
+    start = time.perf_counter()
+    state.shutdown()
+    result["shutdown_s"] = time.perf_counter() - start
+    gc.collect()
+    result.update(
+        threads=sorted(t.name for t in threading.enumerate()),
+        staging_buffer_freed=buffer_ref() is None,
+        groups_left=len(dist.distributed_c10d._world.pg_map) - groups_before,
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenarios", default="raise,slow,die,soak,shutdown")
+    parser.add_argument("--soak-rebalances", type=int, default=200)
+    parser.add_argument("--out-dir", required=True)
+    args = parser.parse_args()
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    logging.basicConfig(level=logging.WARNING, format=f"[rank{rank}] %(message)s")
+    errors = ErrorRecords()
+    logging.getLogger("vllm.distributed.async_eplb").addHandler(errors)
+    torch.manual_seed(0)
+    scenarios = args.scenarios.split(",")
+    assert "shutdown" not in scenarios[:-1], "shutdown must be the last scenario"
+    for name in scenarios:
+        start = time.perf_counter()
+        if name == "raise":
+            result = fault_scenario("raise", 1, 200, errors)
+        elif name == "slow":
+            result = fault_scenario("slow", 2, 1000, errors)
+        elif name == "die":
+            result = fault_scenario("die", 3, 200, errors)
+        elif name == "soak":
+            result = soak_scenario(args.soak_rebalances)
+        elif name == "shutdown":
+            result = shutdown_scenario()
+        else:
+            raise ValueError(f"unknown scenario {name!r}")
+        result["wall_s"] = time.perf_counter() - start
+        print(f"RESULT {name} rank{rank}", json.dumps(result)[:400], flush=True)
+        with open(os.path.join(args.out_dir, f"{name}-rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    assert not dist.is_initialized()
+
+
+if __name__ == "__main__":
+    main()
