@@ -133,8 +133,9 @@ class ToyMoE:
 
         first = rank * self.num_local_physical_experts
         local_experts = [
-            p if p < num_logical_experts else (p - num_logical_experts)
-            % num_logical_experts
+            p
+            if p < num_logical_experts
+            else (p - num_logical_experts) % num_logical_experts
             for p in range(first, first + self.num_local_physical_experts)
         ]
         self.moe_layers: list[ToyMoELayer] = []
