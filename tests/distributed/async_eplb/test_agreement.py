@@ -33,10 +33,13 @@ def test_votes_come_back_in_launch_order() -> None:
     assert [r.kind for r in vote.collect(10)] == ["k0", "k1", "k2"]
 
 
-@pytest.mark.parametrize(("delay", "timeout"), [(0, 1.0), (1, 0.0)])
-def test_bad_arguments(delay: int, timeout: float) -> None:
-    with pytest.raises(ValueError, match=str(delay) if delay < 1 else "timeout"):
-        NonBlockingVote(None, delay=delay, timeout_s=timeout)
+@pytest.mark.parametrize(
+    ("delay", "timeout", "gap", "match"),
+    [(0, 1.0, 1, "delay"), (1, 0.0, 1, "timeout"), (1, 1.0, 0, "gap")],
+)
+def test_bad_arguments(delay: int, timeout: float, gap: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        NonBlockingVote(None, delay=delay, timeout_s=timeout, launch_gap=gap)
 
 
 def test_counter_counts_only_blocking_calls_of_its_thread() -> None:
@@ -63,18 +66,24 @@ def test_two_ranks_agree_and_time_out_together() -> None:
     assert proc.stdout.count("VOTE OK") == 2, proc.stdout[-2000:]
 
 
-def test_one_vote_of_a_kind_in_flight_next_launch_the_step_after_its_read() -> None:
-    vote = NonBlockingVote(None, delay=2, timeout_s=1.0)
+@pytest.mark.parametrize(
+    ("gap", "expected"), [(1, [1, 4, 7, 10]), (3, [1, 6, 11]), (None, [1, 5, 9])]
+)
+def test_one_vote_of_a_kind_in_flight_next_launch_gap_steps_after_its_read(
+    gap: int | None, expected: list[int]
+) -> None:
+    kwargs = {} if gap is None else {"launch_gap": gap}
+    vote = NonBlockingVote(None, delay=2, timeout_s=1.0, **kwargs)
     launched = []
-    for step in range(1, 11):
+    for step in range(1, 12):
         vote.collect(step)
         if vote.may_launch(step, "ready"):
             vote.launch(step, "ready", [step])
             launched.append(step)
         if step == 4:
             vote.launch(step, "load", [0])  # other kinds do not hold it back
-    # launched at 1, read at 3, next at 4, read at 6, next at 7, ...
-    assert launched == [1, 4, 7, 10]
+    # gap 1: launched at 1, read at 3, next at 4, read at 6, next at 7, ...
+    assert launched == expected
 
 
 def test_list_payload_is_its_own_total_on_one_rank() -> None:

@@ -11,11 +11,12 @@ raises ``VoteTimeout`` (the caller aborts the rebalance).
 
 A caller that votes while something is in flight (the "ready" vote of a
 rebalance) need not launch at every step: :meth:`NonBlockingVote.may_launch`
-allows one vote of a kind in flight at a time, launched at the first step after
-the previous one was read. That rule depends only on the step counter and on
-votes every rank read at the same steps, so all ranks launch the same votes at
-the same steps; it leaves about one step in ``delay + 1`` launching, one
-reading and the rest free, where a vote per step made every step pay both.
+allows one vote of a kind in flight at a time, launched ``launch_gap`` steps
+after the previous one was read. That rule depends only on the step counter and
+on votes every rank read at the same steps, so all ranks launch the same votes
+at the same steps. With the default gap of 2 and a delay of 2, one step in
+four launches, one reads and two are free (a vote per step made every step pay
+both); a layer then commits every 4 steps instead of every 3.
 """
 
 from __future__ import annotations
@@ -79,15 +80,22 @@ class NonBlockingVote:
     """
 
     def __init__(
-        self, group: dist.ProcessGroup | None, delay: int, timeout_s: float
+        self,
+        group: dist.ProcessGroup | None,
+        delay: int,
+        timeout_s: float,
+        launch_gap: int = 2,
     ) -> None:
         if delay < 1:
             raise ValueError(f"vote delay must be >= 1 step, got {delay}")
         if not timeout_s > 0:
             raise ValueError(f"vote timeout must be > 0 s, got {timeout_s}")
+        if launch_gap < 1:
+            raise ValueError(f"vote launch gap must be >= 1 step, got {launch_gap}")
         self.group = group
         self.delay = delay
         self.timeout_s = timeout_s
+        self.launch_gap = launch_gap
         self.blocking_waits = 0
         """Votes that were not complete at their due step (each waited for)."""
         self._pending: deque[_Pending] = deque()
@@ -106,12 +114,14 @@ class NonBlockingVote:
         return len(self._pending)
 
     def may_launch(self, step: int, kind: str) -> bool:
-        """No vote of ``kind`` in flight, and none was read at ``step``.
+        """No vote of ``kind`` in flight, and ``launch_gap`` steps since its read.
 
-        Identical on every rank (launches and reads happen at agreed steps);
-        the step after a read gives the caller's state time to move on.
+        Identical on every rank (launches and reads happen at agreed steps).
         """
-        return not self._in_flight.get(kind) and self._last_read.get(kind) != step
+        if self._in_flight.get(kind):
+            return False
+        last_read = self._last_read.get(kind)
+        return last_read is None or step >= last_read + self.launch_gap
 
     def launch(
         self,

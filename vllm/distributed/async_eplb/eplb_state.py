@@ -12,9 +12,9 @@ How one rebalance runs (async mode), all decisions on the shared step clock:
 2. the new placement, its predicted gain and the transfer plans are computed on
    a helper thread; a rank whose plan is ready submits it to its staging worker
    (unless the gain is below ``min_gain``);
-3. while the rebalance is in flight a "ready" vote is launched the step after the
-   previous one was read (one in flight at a time): per rank, planned / skip /
-   error flags and which layers are staged. The vote read at a
+3. while the rebalance is in flight a "ready" vote is launched a few steps after
+   the previous one was read (one in flight at a time, ``NonBlockingVote.
+   may_launch``): per rank, planned / skip / error flags and staged layers. The vote read at a
    step commits up to ``layers_per_step`` layers every rank has staged, or skips,
    or aborts on every rank at once. Nothing here blocks on a step where nothing
    is decided: votes are read after they have completed.
@@ -562,7 +562,7 @@ class EplbState:
                     self.counters.disabled_cause,
                 )
         if self.is_async and self._phase == "active":
-            # One ready vote in flight, launched the step after the last read.
+            # One ready vote in flight, launched a few steps after the last read.
             if self._vote.may_launch(self.step_count, "ready"):
                 self._launch_ready_vote()
         elif self._phase == "recovering":
