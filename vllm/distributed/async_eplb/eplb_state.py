@@ -15,9 +15,9 @@ How one rebalance runs (async mode), all decisions on the shared step clock:
 3. while the rebalance is in flight a "ready" vote is launched a few steps after
    the previous one was read (one in flight at a time, ``NonBlockingVote.
    may_launch``): per rank, planned / skip / error flags and staged layers. The
-   vote read at a step commits up to ``layers_per_step`` layers every rank has staged, or skips,
-   or aborts on every rank at once. Nothing here blocks on a step where nothing
-   is decided: votes are read after they have completed.
+   vote read at a step commits up to ``layers_per_step`` layers every rank has
+   staged, or skips, or aborts on every rank at once. Nothing here blocks on a
+   step where nothing is decided: votes are read after they have completed.
 
 Sync mode (``use_async=False``) and profile runs move all layers at once through
 the same planner and transports.
