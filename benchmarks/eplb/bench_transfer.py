@@ -13,6 +13,8 @@ Per run, on the same ranks and inputs:
   main thread was blocked in ``submit`` + ``commit_layer`` (the engine's stall);
 - vLLM (CPU only, needs vLLM): ``rearrange_expert_weights_inplace`` with its
   gloo communicator (a no-op accelerator stream is patched in on CPU).
+Besides wall time, the CPU time of every method (all ranks and threads, gloo's
+included): with more ranks than cores, wall time follows CPU work.
 Every result is checked bit-exact against the expected experts.
 
     python benchmarks/eplb/bench_transfer.py --num-ranks 4 --json out.json
@@ -156,6 +158,13 @@ def sum_over_ranks(value: int) -> int:
     return int(t)
 
 
+def cpu_over_ranks(cpu_start: float) -> float:
+    """CPU seconds (all threads: ours and gloo's) since ``cpu_start``, all ranks."""
+    t = torch.tensor([time.process_time() - cpu_start], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)
+
+
 def measure_floor(backend, nbytes: int, repeats: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=backend.device)
     dst = torch.empty_like(src)
@@ -173,7 +182,7 @@ def measure_floor(backend, nbytes: int, repeats: int) -> float:
 def measure_transport(ctx, name: str) -> dict:
     """Stage then commit every layer directly (no worker thread)."""
     backend, rank = ctx["backend"], ctx["rank"]
-    times, received = [], 0
+    times, cpu, received = [], [], 0
     for _ in range(ctx["repeats"]):
         weights = build_weights(ctx["old"], rank, ctx["shapes"], backend.device)
         transport = make_transport(
@@ -186,7 +195,7 @@ def measure_transport(ctx, name: str) -> dict:
         buffer = StagingBuffer(weights[0], backend)
         dist.barrier()
         backend.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         received = 0
         for layer, plan in enumerate(ctx["plans"]):
             received += transport.stage_layer(
@@ -199,11 +208,13 @@ def measure_transport(ctx, name: str) -> dict:
             copy_slot_runs(weights[layer], buffer.slot(0), slot_runs(changed, changed))
         backend.synchronize()
         times.append(max_over_ranks(time.perf_counter() - start))
+        cpu.append(cpu_over_ranks(cpu_start))
         check(weights, ctx["new"], rank, ctx["shapes"], backend.device, name)
     seconds = min(times)
     total = sum_over_ranks(received)
     return {
         "seconds": seconds,
+        "cpu_s_all_ranks": min(cpu),
         "bytes_received_all_ranks": total,
         "bytes_per_s_per_rank": total / ctx["nproc"] / seconds,
     }
@@ -232,10 +243,10 @@ def measure_gloo_floor(ctx) -> dict:
                 buf = torch.full((n * row_bytes,), 7, dtype=torch.uint8)
                 ops.append((op, buf, peer))
         messages.append(ops)
-    times = []
+    times, cpu = [], []
     for _ in range(ctx["repeats"]):
         dist.barrier()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for ops in messages:
             if ops:
                 works = dist.batch_isend_irecv(
@@ -244,7 +255,8 @@ def measure_gloo_floor(ctx) -> dict:
                 for work in works:
                     work.wait()
         times.append(max_over_ranks(time.perf_counter() - start))
-    return {"seconds": min(times)}
+        cpu.append(cpu_over_ranks(cpu_start))
+    return {"seconds": min(times), "cpu_s_all_ranks": min(cpu)}
 
 
 def measure_worker(ctx, name: str) -> dict:
@@ -308,13 +320,13 @@ def measure_vllm(ctx) -> dict:
     if ctx["backend"].is_synchronous:
         torch.accelerator.current_stream = lambda *a, **k: _NoOpStream()
     backend, rank = ctx["backend"], ctx["rank"]
-    times = []
+    times, cpu = [], []
     for _ in range(ctx["repeats"]):
         weights = build_weights(ctx["old"], rank, ctx["shapes"], backend.device)
         buffer = [torch.empty_like(w) for w in weights[0]]
         comm = TorchDistGlooStagedEplbCommunicator(cpu_group=ctx["groups"]["cpu"])
         dist.barrier()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         rearrange_expert_weights_inplace(
             torch.tensor(ctx["old"]),
             torch.tensor(ctx["new"]),
@@ -325,8 +337,9 @@ def measure_vllm(ctx) -> dict:
         )
         backend.synchronize()
         times.append(max_over_ranks(time.perf_counter() - start))
+        cpu.append(cpu_over_ranks(cpu_start))
         check(weights, ctx["new"], rank, ctx["shapes"], backend.device, "vllm")
-    return {"seconds": min(times)}
+    return {"seconds": min(times), "cpu_s_all_ranks": min(cpu)}
 
 
 def main() -> int:
@@ -413,15 +426,20 @@ def main() -> int:
             staged = measure_transport(ctx, name)
             received[name] = staged["bytes_received_all_ranks"]
             runs.setdefault(f"{name}:stage_commit", []).append(staged["seconds"])
+            runs.setdefault(f"{name}:cpu", []).append(staged["cpu_s_all_ranks"])
             worker = measure_worker(ctx, name)
             runs.setdefault(f"{name}:worker", []).append(worker["seconds"])
             runs.setdefault(f"{name}:blocked", []).append(
                 worker["main_thread_blocked_s"]
             )
         if device.type == "cpu":
-            runs.setdefault("gloo_floor", []).append(measure_gloo_floor(ctx)["seconds"])
+            floor = measure_gloo_floor(ctx)
+            runs.setdefault("gloo_floor", []).append(floor["seconds"])
+            runs.setdefault("gloo_floor:cpu", []).append(floor["cpu_s_all_ranks"])
         if with_vllm:
-            runs.setdefault("vllm", []).append(measure_vllm(ctx)["seconds"])
+            vllm = measure_vllm(ctx)
+            runs.setdefault("vllm", []).append(vllm["seconds"])
+            runs.setdefault("vllm:cpu", []).append(vllm["cpu_s_all_ranks"])
     med = {k: statistics.median(v) for k, v in runs.items()}
     results["runs_s"] = runs
     for name in names:
@@ -432,11 +450,15 @@ def main() -> int:
             "bytes_per_s_per_rank": received[name] / nproc / seconds,
             "worker_whole_model_s": med[f"{name}:worker"],
             "worker_main_thread_blocked_s": med[f"{name}:blocked"],
+            "cpu_s_all_ranks": med[f"{name}:cpu"],
         }
+    results["cpu_cores"] = os.cpu_count()
     if "gloo_floor" in med:
         results["gloo_floor_s"] = med["gloo_floor"]
+        results["gloo_floor_cpu_s_all_ranks"] = med["gloo_floor:cpu"]
     if "vllm" in med:
         results["vllm_rearrange_s"] = med["vllm"]
+        results["vllm_cpu_s_all_ranks"] = med["vllm:cpu"]
     if rank == 0:
         report(results)
         if args.json:
@@ -469,14 +491,23 @@ def report(r: dict) -> None:
                 f"  vLLM/ours: stage+commit {vllm_s / t['seconds']:.2f}x, "
                 f"worker {vllm_s / t['worker_whole_model_s']:.2f}x"
             )
-        print(line)
+        print(line + f"  CPU {t['cpu_s_all_ranks'] * 1e3:.1f} ms (all ranks)")
     if vllm_s:
-        print(f"vLLM rearrange_expert_weights_inplace: {vllm_s * 1e3:.1f} ms")
+        print(
+            f"vLLM rearrange_expert_weights_inplace: {vllm_s * 1e3:.1f} ms  "
+            f"CPU {r['vllm_cpu_s_all_ranks'] * 1e3:.1f} ms (all ranks)"
+        )
     if "gloo_floor_s" in r:
         print(
             f"gloo floor (plan's bytes, one message per peer, no copies): "
-            f"{r['gloo_floor_s'] * 1e3:.1f} ms"
+            f"{r['gloo_floor_s'] * 1e3:.1f} ms  "
+            f"CPU {r['gloo_floor_cpu_s_all_ranks'] * 1e3:.1f} ms (all ranks)"
         )
+    print(
+        f"CPU time is summed over ranks and threads (gloo's included); "
+        f"{r['cpu_cores']} cores: a method whose CPU / cores is close to its "
+        "wall time is bound by CPU work, not by waiting"
+    )
 
 
 if __name__ == "__main__":
