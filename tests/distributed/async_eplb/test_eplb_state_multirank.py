@@ -26,7 +26,7 @@ def _results(args: list[str], out_dir: Path) -> list[dict]:
 def test_async_rebalances_layer_by_layer_without_blocking_collectives(
     tmp_path: Path,
 ) -> None:
-    results = _results(["--mode", "async", "--steps", "45"], tmp_path)
+    results = _results(["--mode", "async", "--steps", "60"], tmp_path)
     for r in results:
         assert r["blocking_in_step"] == 0
         assert r["rebalances"] >= 2 and r["aborts"] == 0

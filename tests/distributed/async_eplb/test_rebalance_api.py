@@ -208,3 +208,19 @@ def test_bad_input_leaves_inputs_untouched():
     with pytest.raises(ValueError):
         rebalance_experts(weight, *GOOD)
     assert torch.equal(weight, before)
+
+
+def test_warm_up_compiles_the_policy_kernels_and_names_bad_policies():
+    from vllm.distributed.async_eplb.rebalance_algo import warm_up
+    from vllm.distributed.async_eplb.rebalance_algo.default import numba_available
+
+    with pytest.raises(ValueError, match="'nope'"):
+        warm_up("nope")
+    if not numba_available():
+        warm_up("min_migration")  # a no-op on the NumPy path, and no error
+        return
+    from vllm.distributed.async_eplb.rebalance_algo import min_migration
+
+    warm_up("min_migration")
+    for kernel in ("_repair_layer", "_relabel_onto_old"):
+        assert getattr(min_migration, kernel).signatures, kernel

@@ -51,6 +51,7 @@ from vllm.distributed.async_eplb.load_stats import (
 )
 from vllm.distributed.async_eplb.maps import ExpertMaps, max_replicas_for
 from vllm.distributed.async_eplb.planner import LayerPlan, plan_layers
+from vllm.distributed.async_eplb.rebalance_algo import rebalance_experts, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -634,8 +635,6 @@ class EplbState:
 
     def _compute_plan(self, state: EplbModelState, load: torch.Tensor) -> _Plan:
         """Placement + gain + transfer plans: pure, identical on every rank."""
-        from vllm.distributed.async_eplb.rebalance_algo import rebalance_experts
-
         model, ep = state.model, self.ep
         old = state.maps.phy2log.to("cpu")
         num_nodes = max(1, ep.world_size // ep.ranks_per_node)
@@ -1079,8 +1078,8 @@ class EplbState:
         if self._phase != "idle":
             return
         world = self.ep.world_size
+        warm_up(self.config.policy)  # JIT now, not mid-serving
         for state in self.model_states.values():
-            # Also warms the placement policy (JIT compilation) before serving.
             model = state.model
             uniform = torch.ones(model.num_moe_layers, model.num_logical_experts)
             self._compute_plan(state, uniform)

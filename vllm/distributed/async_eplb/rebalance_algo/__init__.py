@@ -19,10 +19,10 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from .default import rebalance_default
+from .default import rebalance_default, warm_up_kernels
 from .validation import validate_rebalance_args
 
-__all__ = ["POLICIES", "PolicyFn", "rebalance_experts"]
+__all__ = ["POLICIES", "PolicyFn", "rebalance_experts", "warm_up"]
 
 PolicyFn = Callable[[np.ndarray, int, int, int, int, "np.ndarray | None"], np.ndarray]
 """``(load float32 [L, E], num_replicas, num_groups, num_nodes, num_ranks,
@@ -98,3 +98,18 @@ def rebalance_experts(
             f"policy {policy!r} returned shape {phy2log.shape}, expected {expected}"
         )
     return torch.from_numpy(np.ascontiguousarray(phy2log, dtype=np.int64))
+
+
+def warm_up(policy: str = "default") -> None:
+    """Build ``policy``'s compiled (numba) kernels now, or load them from
+    numba's disk cache, so that a server's first rebalance is not seconds late
+    on a fresh install. A no-op without numba."""
+    if policy not in POLICIES:
+        raise ValueError(
+            f"unknown policy {policy!r}; valid policies: {sorted(POLICIES)}"
+        )
+    warm_up_kernels()
+    if policy == "min_migration":
+        from .min_migration import warm_up_kernels as warm_up_min_migration
+
+        warm_up_min_migration()
