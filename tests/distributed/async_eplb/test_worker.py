@@ -24,6 +24,9 @@ from vllm.distributed.async_eplb.transports import (
     Transport,
     copy_duplicates,
     copy_local,
+    make_transport,
+    resolve_transport,
+    staging_backend,
 )
 from vllm.distributed.async_eplb.worker import StagingError, StagingWorker
 
@@ -300,4 +303,28 @@ def test_worker_rejects_weights_that_do_not_fit_the_buffer() -> None:
     with pytest.raises(ValueError, match="layer 1's expert weights do not match"):
         StagingWorker(
             weights, buffer, SharedMemoryTransport(None, None, None), CPU, rank=0
+        )
+
+
+def test_p2p_on_an_accelerator_stages_over_its_own_library() -> None:
+    cuda, npu, cpu = "cuda", "npu", "cpu"
+    assert staging_backend("p2p", cuda) == "nccl"
+    assert staging_backend("p2p", npu) == "hccl"
+    assert staging_backend("auto", npu) == "hccl"  # auto is p2p on NPU
+    for name in ("auto", "ipc", "gloo-staged"):
+        assert staging_backend(name, cuda) == "gloo"
+    for name in ("auto", "p2p", "gloo-staged"):
+        assert staging_backend(name, cpu) == "gloo"
+    assert resolve_transport("auto", "cuda") == "ipc"
+    with pytest.raises(ValueError, match="'nccl2'"):
+        staging_backend("nccl2", cuda)
+
+
+def test_p2p_refuses_a_gloo_group_for_device_tensors(monkeypatch) -> None:
+    import vllm.distributed.async_eplb.transports as transports
+
+    monkeypatch.setattr(transports.dist, "get_backend", lambda group: "gloo")
+    with pytest.raises(ValueError, match="'p2p' on cuda:0 needs a nccl staging"):
+        make_transport(
+            "p2p", backend=DeviceBackend(torch.device("cuda", 0)), group=object()
         )

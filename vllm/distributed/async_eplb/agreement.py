@@ -39,7 +39,7 @@ __all__ = [
     "VoteError",
     "VoteResult",
     "VoteTimeout",
-    "private_gloo_group",
+    "private_group",
 ]
 
 _POLL_S = 0.0002
@@ -188,10 +188,12 @@ class NonBlockingVote:
             self.collect(self._pending[-1].due_at)
 
 
-def private_gloo_group(
-    my_ranks: Sequence[int], all_rank_lists: Sequence[Sequence[int]]
+def private_group(
+    my_ranks: Sequence[int],
+    all_rank_lists: Sequence[Sequence[int]],
+    backend: str = "gloo",
 ) -> dist.ProcessGroup | None:
-    """Create one gloo group per rank list and return the one holding this rank.
+    """Create one ``backend`` group per rank list; return the one holding this rank.
 
     ``torch.distributed.new_group`` must be called by every process for every
     group, in the same order; ``all_rank_lists`` lists all EP groups of the
@@ -202,17 +204,29 @@ def private_gloo_group(
         raise ValueError(f"rank {me} is not in its own EP group {list(my_ranks)}")
     mine = None
     for ranks in sorted({tuple(sorted(r)) for r in all_rank_lists}):
-        group = dist.new_group(list(ranks), backend="gloo")
+        group = dist.new_group(list(ranks), backend=backend)
         if me in ranks:
             mine = group
     return mine if len(my_ranks) > 1 else None
 
 
 _COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object",
-    "all_to_all", "all_to_all_single", "barrier", "broadcast",
-    "broadcast_object_list", "gather", "recv", "reduce", "reduce_scatter",
-    "reduce_scatter_tensor", "scatter", "send",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "broadcast",
+    "broadcast_object_list",
+    "gather",
+    "recv",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "scatter",
+    "send",
 )
 
 

@@ -40,7 +40,7 @@ from vllm.distributed.async_eplb.agreement import (
     NonBlockingVote,
     VoteError,
     VoteResult,
-    private_gloo_group,
+    private_group,
 )
 from vllm.distributed.async_eplb.config import AsyncEplbConfig
 from vllm.distributed.async_eplb.load_stats import (
@@ -52,6 +52,7 @@ from vllm.distributed.async_eplb.load_stats import (
 from vllm.distributed.async_eplb.maps import ExpertMaps, max_replicas_for
 from vllm.distributed.async_eplb.planner import LayerPlan, plan_layers
 from vllm.distributed.async_eplb.rebalance_algo import rebalance_experts, warm_up
+from vllm.distributed.async_eplb.transports import make_transport, staging_backend
 
 logger = logging.getLogger(__name__)
 
@@ -312,10 +313,11 @@ class EplbState:
         if self._vote is not None:
             return
         ep = self.ep
-        vote_group = private_gloo_group(ep.ranks, ep.all_rank_lists)
-        self._staging_group = private_gloo_group(ep.ranks, ep.all_rank_lists)
+        vote_group = private_group(ep.ranks, ep.all_rank_lists)
+        backend = staging_backend(self.config.transport, torch.device(self.device).type)
+        self._staging_group = private_group(ep.ranks, ep.all_rank_lists, backend)
         self._spare_groups = [
-            private_gloo_group(ep.ranks, ep.all_rank_lists)
+            private_group(ep.ranks, ep.all_rank_lists, backend)
             for _ in range(_SPARE_STAGING_GROUPS)
         ]
         self._vote = NonBlockingVote(
@@ -371,8 +373,6 @@ class EplbState:
         self.model_states[_config_hash(model_config)] = state
 
     def _new_transport(self, state: EplbModelState) -> Any:
-        from vllm.distributed.async_eplb.transports import make_transport
-
         return make_transport(
             self.config.transport,
             backend=self._backend,

@@ -12,14 +12,14 @@ from vllm.distributed.async_eplb.agreement import (
     BlockingCollectiveCounter,
     NonBlockingVote,
     VoteTimeout,
-    private_gloo_group,
+    private_group,
 )
 
 
 def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    group = private_gloo_group([0, 1], [(0, 1)])
+    group = private_group([0, 1], [(0, 1)])
     vote = NonBlockingVote(group, delay=2, timeout_s=2.0)
     counter = BlockingCollectiveCounter()
     seen = []

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 
 from vllm.distributed.async_eplb.device import DeviceBackend
 from vllm.distributed.async_eplb.planner import LayerPlan, RankPlan
@@ -30,6 +31,8 @@ __all__ = [
     "copy_duplicates",
     "copy_local",
     "make_transport",
+    "resolve_transport",
+    "staging_backend",
 ]
 
 TRANSPORT_NAMES = ("auto", "gloo-staged", "p2p", "ipc")
@@ -107,6 +110,40 @@ def row_nbytes(weights: Sequence[torch.Tensor]) -> int:
     return sum(w[0].numel() * w.element_size() for w in weights)
 
 
+_ACCELERATOR_LIBRARY = {"cuda": "nccl", "npu": "hccl"}
+
+
+def _check_name(name: str) -> None:
+    if name not in TRANSPORT_NAMES:
+        raise ValueError(
+            f"unknown transport {name!r}; expected one of {', '.join(TRANSPORT_NAMES)}"
+        )
+
+
+def resolve_transport(name: str, device_type: str) -> str:
+    """The transport ``name`` stands for on ``device_type`` (``auto`` resolved)."""
+    _check_name(name)
+    if name != "auto":
+        return name
+    return {"cuda": "ipc", "npu": "p2p"}.get(device_type, "gloo-staged")
+
+
+def staging_backend(transport: str, device_type: str) -> str:
+    """Backend of the EPLB staging group that ``transport`` needs on a device.
+
+    ``p2p`` on an accelerator needs its own library (NCCL, HCCL): gloo sends
+    no device tensors point to point. Everything else uses gloo: host tensors
+    (``gloo-staged``), and ``ipc``, whose intra-node pulls need no
+    communication kernels at all and whose cross-node part then goes through
+    pinned host memory rather than communication kernels that would share the
+    device with the forward pass's own.
+    """
+    resolved = resolve_transport(transport, device_type)
+    if resolved == "p2p" and device_type in _ACCELERATOR_LIBRARY:
+        return _ACCELERATOR_LIBRARY[device_type]
+    return "gloo"
+
+
 def make_transport(
     name: str,
     *,
@@ -122,16 +159,19 @@ def make_transport(
     group's own backend), ``p2p`` on NPU (HCCL), ``gloo-staged`` on CPU.
     ``ipc`` needs ``expert_weights`` (all layers) and ``ranks_per_node``.
     """
-    if name not in TRANSPORT_NAMES:
-        raise ValueError(
-            f"unknown transport {name!r}; expected one of {', '.join(TRANSPORT_NAMES)}"
-        )
+    _check_name(name)
     if timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-    if name == "auto":
-        name = {"cuda": "ipc", "npu": "p2p"}.get(backend.device.type, "gloo-staged")
-        if name == "ipc" and (expert_weights is None or ranks_per_node is None):
-            name = "p2p"
+    auto = name == "auto"
+    name = resolve_transport(name, backend.device.type)
+    if auto and name == "ipc" and (expert_weights is None or ranks_per_node is None):
+        name = "p2p"
+    needed = staging_backend(name, backend.device.type)
+    if group is not None and needed != "gloo" and dist.get_backend(group) != needed:
+        raise ValueError(
+            f"transport 'p2p' on {backend.device} needs a {needed} staging group, "
+            f"got {dist.get_backend(group)} (see staging_backend())"
+        )
     if name == "gloo-staged":
         from vllm.distributed.async_eplb.transports.gloo_staged import (
             GlooStagedTransport,
