@@ -350,6 +350,7 @@ def _ipc_rank(rank: int, store_path: str, reps: int, queue) -> None:
             received = transport.stage_layer(plan, rank, weights[0], buffer.slot(0))
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+            dist.barrier()  # no GPU work of the peer while this rank pulls
         pulls = bool(plan.ranks[rank].receives)
         exact = torch.equal(buffer.slot(0)[0].cpu(), peer_weights) if pulls else True
         result[name] = {"seconds": times, "bytes": received, "bit_exact": exact}

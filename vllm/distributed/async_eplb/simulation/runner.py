@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -375,6 +376,9 @@ def run_rank(
     rank: int, config: SimConfig, init_method: str, *, show_progress: bool = True
 ) -> SimulationResult | None:
     """One EP rank, from process-group set-up to shutdown; rank 0 gets the result."""
+    # The toy model computes on the host: N ranks each using every core
+    # oversubscribe the machine (seen: a 16-core host slower than 2 cores).
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.ranks))
     if config.device == "cuda":
         num_gpus = torch.cuda.device_count()
         device = torch.device("cuda", rank % num_gpus)
