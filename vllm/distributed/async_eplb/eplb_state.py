@@ -53,6 +53,7 @@ from vllm.distributed.async_eplb.maps import ExpertMaps, max_replicas_for
 from vllm.distributed.async_eplb.planner import LayerPlan, plan_layers
 from vllm.distributed.async_eplb.rebalance_algo import rebalance_experts, warm_up
 from vllm.distributed.async_eplb.transports import make_transport, staging_backend
+from vllm.distributed.async_eplb.transports.p2p import transfers_in_flight
 
 logger = logging.getLogger(__name__)
 
@@ -567,7 +568,9 @@ class EplbState:
             if self._vote.may_launch(self.step_count, "ready"):
                 self._launch_ready_vote()
         elif self._phase == "recovering":
-            stopped = all(
+            # Abandoned receives may still land in the staging buffer, which
+            # the rebuilt workers reuse: wait for them too.
+            stopped = transfers_in_flight() == 0 and all(
                 s.worker is None or not s.worker.is_alive()
                 for s in self.model_states.values()
             )
@@ -741,7 +744,7 @@ class EplbState:
         staging; a new job must not start before, or its messages could meet
         that layer's.
         """
-        return all(
+        return transfers_in_flight() == 0 and all(
             s.worker is None or (not s.worker.busy and s.worker.idle)
             for s in self.model_states.values()
         )

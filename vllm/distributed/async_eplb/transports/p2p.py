@@ -123,6 +123,21 @@ def _wait_each(
             ) from exc
 
 
+_waiters: set[threading.Thread] = set()
+_waiters_lock = threading.Lock()
+
+
+def transfers_in_flight() -> int:
+    """gloo waits still running in this process, abandoned ones included.
+
+    A wait given up on abort leaves its receives posted: a late peer can still
+    write into the staging rows. No new job may stage before this is 0 (the
+    waits end by their deadline at the latest).
+    """
+    with _waiters_lock:
+        return sum(t.is_alive() for t in _waiters)
+
+
 def _wait_gloo(
     works: Sequence[Any],
     peers: Sequence[Sequence[int]],
@@ -145,8 +160,13 @@ def _wait_gloo(
             _wait_each(works, peers, deadline)
         except BaseException as exc:  # handed to the calling thread
             failure.append(exc)
+        finally:
+            with _waiters_lock:
+                _waiters.discard(threading.current_thread())
 
     waiter = threading.Thread(target=wait_all, name="async-eplb-gloo-wait", daemon=True)
+    with _waiters_lock:
+        _waiters.add(waiter)
     waiter.start()
     while waiter.is_alive():
         waiter.join(_ABORT_POLL_S)  # returns as soon as the waits are done
