@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,8 @@ import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from torchrun_launch import relaunch_under_torchrun  # noqa: E402
 
 from vllm.distributed.async_eplb.config import AsyncEplbConfig  # noqa: E402
 from vllm.distributed.async_eplb.eplb_state import (  # noqa: E402
@@ -63,21 +64,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def relaunch(args: argparse.Namespace) -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc-per-node={args.num_ranks}", "--master-addr=127.0.0.1",
-        f"--master-port={port}", __file__, *sys.argv[1:],
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.call(cmd, env=env)
-
-
 def routing(args: argparse.Namespace, step: int) -> torch.Tensor:
     """Zipf-skewed top-2 ids; the hot set changes every ``--phase`` steps."""
     phase = step // args.phase
@@ -95,9 +81,13 @@ def routing(args: argparse.Namespace, step: int) -> torch.Tensor:
 
 def eplb_config(args: argparse.Namespace, use_async: bool) -> SimpleNamespace:
     return SimpleNamespace(
-        window_size=args.window, step_interval=args.interval,
-        num_redundant_experts=args.redundant, log_balancedness=False,
-        log_balancedness_interval=1, use_async=use_async, policy="default",
+        window_size=args.window,
+        step_interval=args.interval,
+        num_redundant_experts=args.redundant,
+        log_balancedness=False,
+        log_balancedness_interval=1,
+        use_async=use_async,
+        policy="default",
         communicator="torch_gloo",
     )
 
@@ -135,8 +125,9 @@ def drive(args, state, model, is_ours: bool) -> list[dict]:
             commit = 0.0
         records.append({"s": seconds, "in_flight": in_flight, "commit_s": commit})
     ids = routing(args, args.steps)
-    assert torch.equal(model.forward(ids, record_load=False),
-                       model.reference_forward(ids)), "wrong experts after the run"
+    assert torch.equal(
+        model.forward(ids, record_load=False), model.reference_forward(ids)
+    ), "wrong experts after the run"
     return records
 
 
@@ -147,11 +138,13 @@ def worst_over_ranks(records: list[dict]) -> list[dict]:
     out = []
     for per_rank in zip(*gathered, strict=True):
         slowest = max(per_rank, key=lambda r: r["s"])
-        out.append({
-            "s": slowest["s"],
-            "in_flight": any(r["in_flight"] for r in per_rank),
-            "commit_s": slowest["commit_s"],
-        })
+        out.append(
+            {
+                "s": slowest["s"],
+                "in_flight": any(r["in_flight"] for r in per_rank),
+                "commit_s": slowest["commit_s"],
+            }
+        )
     return out
 
 
@@ -182,26 +175,35 @@ def summarize(records: list[dict]) -> dict:
 
 def new_model(args: argparse.Namespace) -> ToyMoE:
     return ToyMoE(
-        args.layers, args.experts, args.redundant, dist.get_world_size(),
-        dist.get_rank(), hidden_size=args.hidden, top_k=2, dtype=torch.float32,
+        args.layers,
+        args.experts,
+        args.redundant,
+        dist.get_world_size(),
+        dist.get_rank(),
+        hidden_size=args.hidden,
+        top_k=2,
+        dtype=torch.float32,
     )
 
 
 def run_ours(args: argparse.Namespace, use_async: bool) -> tuple[dict, dict]:
     parallel_config = SimpleNamespace(
-        eplb_config=eplb_config(args, use_async), enable_elastic_ep=False,
+        eplb_config=eplb_config(args, use_async),
+        enable_elastic_ep=False,
         num_ubatches=0,
     )
     state = EplbState(
-        parallel_config, "cpu", ep_group=EpGroupInfo.whole_world(),
+        parallel_config,
+        "cpu",
+        ep_group=EpGroupInfo.whole_world(),
         config=AsyncEplbConfig.from_env(),
     )
     records = worst_over_ranks(drive(args, state, new_model(args), is_ours=True))
     counters = vars(state.counters).copy()
     state.shutdown()
     extra = {
-        k: counters[k] for k in ("rebalances", "skips", "aborts", "layers_committed",
-                                 "bytes_moved")
+        k: counters[k]
+        for k in ("rebalances", "skips", "aborts", "layers_committed", "bytes_moved")
     }
     extra["per_step_ms"] = [round(r["s"] * 1e3, 3) for r in records]
     return summarize(records), extra
@@ -234,8 +236,10 @@ def run_vllm(args: argparse.Namespace) -> tuple[dict, dict]:
 
     parallel_config = vllm_parallel_config()
     parallel_config.eplb_config = EPLBConfig(
-        window_size=args.window, step_interval=args.interval,
-        num_redundant_experts=args.redundant, use_async=False,
+        window_size=args.window,
+        step_interval=args.interval,
+        num_redundant_experts=args.redundant,
+        use_async=False,
         communicator="torch_gloo",
     )
     saved = torch.accelerator.current_stream, torch.Event
@@ -282,7 +286,7 @@ def init_vllm_parallel_state(world: int, rank: int) -> None:
 def main() -> int:
     args = parse_args()
     if "RANK" not in os.environ:
-        return relaunch(args)
+        return relaunch_under_torchrun(__file__, args.num_ranks)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.manual_seed(0)
     if args.skip_vllm:
@@ -321,13 +325,17 @@ def report(results: dict) -> None:
     if "vllm_sync" in results and ours["in_flight"].get("n"):
         stall = results["vllm_sync"]["in_flight"]["max_ms"]
         p99 = ours["in_flight"]["p99_ms"]
-        print(f"ours async in-flight p99 / vLLM sync stall (max): {p99 / stall:.4f} "
-              f"(target <= 0.05)")
+        print(
+            f"ours async in-flight p99 / vLLM sync stall (max): {p99 / stall:.4f} "
+            f"(target <= 0.05)"
+        )
     rest, steady = ours["in_flight_minus_commit_copy"], ours["steady"]
     if rest.get("n") and steady.get("n"):
-        print(f"ours async in-flight minus commit copy, p99 / steady p99: "
-              f"{rest['p99_ms'] / steady['p99_ms']:.2f}x (target <= 2x); p50/p50: "
-              f"{rest['p50_ms'] / steady['p50_ms']:.2f}x")
+        print(
+            f"ours async in-flight minus commit copy, p99 / steady p99: "
+            f"{rest['p99_ms'] / steady['p99_ms']:.2f}x (target <= 2x); p50/p50: "
+            f"{rest['p50_ms'] / steady['p50_ms']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,8 @@ import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from torchrun_launch import relaunch_under_torchrun  # noqa: E402
 
 from vllm.distributed.async_eplb.device import DeviceBackend  # noqa: E402
 from vllm.distributed.async_eplb.maps import ExpertMaps  # noqa: E402
@@ -69,26 +70,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--json", default="")
     return p.parse_args()
-
-
-def relaunch(args: argparse.Namespace) -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={args.num_ranks}",
-        "--master-addr=127.0.0.1",
-        f"--master-port={port}",
-        __file__,
-        *sys.argv[1:],
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.call(cmd, env=env)
 
 
 # ---- model -------------------------------------------------------------
@@ -345,7 +326,7 @@ def measure_vllm(ctx) -> dict:
 def main() -> int:
     args = parse_args()
     if "RANK" not in os.environ:
-        return relaunch(args)
+        return relaunch_under_torchrun(__file__, args.num_ranks)
     dist.init_process_group("gloo")
     rank, nproc = dist.get_rank(), dist.get_world_size()
     if args.device == "cuda":

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from toy_routing import zipf_routing
 
 from vllm.distributed.async_eplb.agreement import BlockingCollectiveCounter
 from vllm.distributed.async_eplb.config import AsyncEplbConfig
@@ -29,17 +30,7 @@ LAYERS, EXPERTS, REDUNDANT, TOKENS, TOP_K = 3, 16, 4, 64, 2
 
 
 def routing(step: int, phase_len: int) -> torch.Tensor:
-    """Skewed top-k ids whose hot experts change every ``phase_len`` steps."""
-    phase = step // phase_len
-    ids = []
-    for layer in range(LAYERS):
-        gen = torch.Generator().manual_seed(1000 * phase + layer)
-        order = torch.randperm(EXPERTS, generator=gen)
-        probs = torch.empty(EXPERTS)
-        probs[order] = 1.0 / torch.arange(1, EXPERTS + 1, dtype=torch.float) ** 1.5
-        gen.manual_seed(step * 31 + layer)
-        ids.append(torch.multinomial(probs.expand(TOKENS, -1), TOP_K, generator=gen))
-    return torch.stack(ids)
+    return zipf_routing(step, phase_len, LAYERS, EXPERTS, TOKENS, TOP_K)
 
 
 def global_balancedness(model: ToyMoE, ids: torch.Tensor) -> float:
