@@ -380,7 +380,7 @@ class StagingWorker:
         try:
             if job.next_index == 1:
                 backend.synchronize_event(job.ready_event)
-                self.transport.prepare_job()
+                self.transport.prepare_job(job.job_id)
             backend.wait_event(free_event)
             hook = _fault_hook
             if hook is not None:

@@ -59,9 +59,10 @@ class Transport(ABC):
         """A transport waiting on peers gives up once ``check()`` is true."""
         self.should_abort = check
 
-    def prepare_job(self) -> None:
-        """Called by the worker before a job's first layer (all ranks)."""
-        return  # nothing to agree on for two-sided transports
+    def prepare_job(self, job_id: int | None = None) -> None:
+        """Called by the worker before a job's first layer (all ranks), with
+        the job's id, which every rank agrees on."""
+        return  # nothing to agree on by default
 
     @abstractmethod
     def stage_layer(

@@ -85,12 +85,14 @@ class IpcTransport(Transport):
         super().set_abort_check(check)
         self.cross_node.set_abort_check(check)
 
-    def prepare_job(self) -> None:
+    def prepare_job(self, job_id: int | None = None) -> None:
         """Wait until every peer's weights are final before pulling from them.
 
         Each worker has synchronised its own caller's stream (earlier commits)
-        before this; the barrier makes that true on the whole group.
+        before this; the barrier makes that true on the whole group. The
+        cross-node transport starts the job's message tags.
         """
+        self.cross_node.prepare_job(job_id)
         work = dist.barrier(group=self.group, async_op=True)
         wait_works(
             [work],
