@@ -1082,6 +1082,11 @@ class EplbState:
             return
         world = self.ep.world_size
         warm_up(self.config.policy)  # JIT now, not mid-serving
+        # Ranks leave the compilation seconds apart on a cold cache; the profile
+        # run may block, so line them up before the transfer, whose waits
+        # would otherwise time out on the slowest rank.
+        if self._vote is not None and self._vote.group is not None:
+            dist.barrier(group=self._vote.group)
         for state in self.model_states.values():
             model = state.model
             uniform = torch.ones(model.num_moe_layers, model.num_logical_experts)
