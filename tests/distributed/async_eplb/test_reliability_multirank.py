@@ -77,7 +77,15 @@ def test_slow_staging_times_out_without_blocking_the_step_loop(
 ) -> None:
     ranks = results["slow"]
     _abort_then_next_interval_rebalances(ranks)
-    assert "no staging progress" in ranks[2]["abort_cause"]
+    # Rank 2 stalls, and so do the ranks waiting for its experts: which of them
+    # crosses the timeout first is a race, but one names the stall and every
+    # other rank aborts because of it.
+    causes = [r["abort_cause"] for r in ranks]
+    assert any("no staging progress" in c for c in causes), causes
+    assert all(
+        "no staging progress" in c or c.endswith("other rank(s) failed")
+        for c in causes
+    ), causes
     for r in ranks:
         # step() never waits for the slow rank, let alone past the timeout
         assert r["max_step_s"] < r["timeout_s"], r["max_step_s"]

@@ -262,9 +262,12 @@ def run_tags(sc: Scenario, world) -> str:
     abort_after = 0.3 if sc.rank == 0 else None
     transport, buffer = _fresh_transport(sc, sc.staging_group, abort_after)
     stale_weights = [torch.zeros_like(w) for w in sc.weights[0]]
+    # Job 1's abandoned receives keep their own buffer: they may land at any time
+    # (EplbState waits for them before the next job; this test must not).
+    stale_buffer = StagingBuffer(sc.weights[0], DeviceBackend.for_device("cpu"))
     if sc.rank == 0:  # job 1: sends zeros, posts receives; rank 1 never comes
         try:
-            _stage_layer0(sc, transport, stale_weights, buffer, job=1)
+            _stage_layer0(sc, transport, stale_weights, stale_buffer, job=1)
             raise AssertionError("job 1 was not aborted")
         except TransferError:
             pass
@@ -273,8 +276,7 @@ def run_tags(sc: Scenario, world) -> str:
     _stage_layer0(sc, transport, sc.weights[0], buffer, job=2)
     _check_staged_layer0(sc, buffer)  # job 2's bytes, not job 1's zeros
     if sc.rank == 1:  # match job 1's stale messages, so every wait ends cleanly
-        other = StagingBuffer(sc.weights[0], DeviceBackend.for_device("cpu"))
-        _stage_layer0(sc, transport, stale_weights, other, job=1)
+        _stage_layer0(sc, transport, stale_weights, stale_buffer, job=1)
     dist.barrier(group=world)
     return "job 2 received only its own messages"
 
