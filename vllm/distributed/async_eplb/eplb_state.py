@@ -30,7 +30,6 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,15 +42,27 @@ from vllm.distributed.async_eplb.agreement import (
     private_group,
 )
 from vllm.distributed.async_eplb.config import AsyncEplbConfig
+from vllm.distributed.async_eplb.ep_group import EpGroupInfo
 from vllm.distributed.async_eplb.load_stats import (
     LoadWindow,
     balancedness,
-    predicted_balancedness,
     tokens_per_rank,
 )
 from vllm.distributed.async_eplb.maps import ExpertMaps, max_replicas_for
+from vllm.distributed.async_eplb.model_state import (
+    EplbCounters,
+    EplbModelState,
+    check_model,
+    initial_row,
+    keep_recent,
+)
 from vllm.distributed.async_eplb.planner import LayerPlan, plan_layers
-from vllm.distributed.async_eplb.rebalance_algo import rebalance_experts, warm_up
+from vllm.distributed.async_eplb.rebalance_algo import warm_up
+from vllm.distributed.async_eplb.rebalance_plan import (
+    PlannedRebalance,
+    mean_predicted,
+    plan_rebalance,
+)
 from vllm.distributed.async_eplb.transports import make_transport, staging_backend
 from vllm.distributed.async_eplb.transports.p2p import transfers_in_flight
 
@@ -63,159 +74,10 @@ _ELASTIC = "elastic expert parallelism is not supported by async_eplb"
 
 # Layout of a "ready" vote payload, before the per-layer staged flags.
 _ERROR, _PLANNED, _SKIP, _DEAD, _HEADER = 0, 1, 2, 3, 4
-# Timing samples kept in EplbCounters: the most recent ones, so that weeks of
-# serving do not grow memory.
-_MAX_SAMPLES = 65536
 # Staging groups kept in reserve: a failed transfer can leave a gloo group
 # unusable (pairs closed on timeout), and creating a group is a collective of
 # the whole world, which an abort in one EP group cannot run.
 _SPARE_STAGING_GROUPS = 2
-
-
-@dataclass(frozen=True)
-class EpGroupInfo:
-    """Who this rank is in its EP group, and every EP group of the world."""
-
-    rank: int
-    ranks: tuple[int, ...]
-    all_rank_lists: tuple[tuple[int, ...], ...]
-    ranks_per_node: int
-
-    @property
-    def world_size(self) -> int:
-        return len(self.ranks)
-
-    @classmethod
-    def whole_world(cls, ranks_per_node: int | None = None) -> EpGroupInfo:
-        """The default process group as the one EP group (tests, benchmarks)."""
-        size = dist.get_world_size()
-        ranks = tuple(range(size))
-        return cls(dist.get_rank(), ranks, (ranks,), ranks_per_node or size)
-
-    @classmethod
-    def from_vllm(cls) -> EpGroupInfo:
-        from vllm.distributed.parallel_state import (
-            get_ep_group,
-            get_node_count,
-            get_world_group,
-        )
-
-        ep = get_ep_group()
-        ranks = tuple(ep.ranks)
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, ranks, group=get_world_group().cpu_group)
-        nodes = max(1, get_node_count())
-        per_node = len(ranks) // nodes if len(ranks) % nodes == 0 else len(ranks)
-        return cls(ep.rank_in_group, ranks, tuple(tuple(r) for r in gathered), per_node)
-
-
-@dataclass
-class EplbCounters:
-    """What happened so far on this rank; read by the simulator and benchmarks."""
-
-    rebalances: int = 0
-    skips: int = 0
-    aborts: int = 0
-    layers_committed: int = 0
-    bytes_moved: int = 0
-    staging_seconds: list[float] = field(default_factory=list)
-    commit_seconds: list[float] = field(default_factory=list)
-    last_abort_cause: str | None = None
-    last_predicted: tuple[float, float] | None = None
-    """(old, new) predicted balancedness of the last planned rebalance."""
-    last_balancedness: float | None = None
-    """Last logged balancedness (mean/max tokens per rank)."""
-    worker_deaths: int = 0
-    """Staging worker threads found dead (summed over the EP group)."""
-    balancing_enabled: bool = True
-    """False once rebalancing was turned off; serving goes on unbalanced."""
-    disabled_cause: str | None = None
-
-
-def _keep_recent(samples: list[float], new: Sequence[float]) -> None:
-    """Append ``new``; past ``_MAX_SAMPLES``, drop the oldest half."""
-    samples.extend(new)
-    if len(samples) > _MAX_SAMPLES:
-        del samples[: len(samples) - _MAX_SAMPLES // 2]
-
-
-@dataclass
-class _Plan:
-    """One model's planned rebalance, computed off the main thread."""
-
-    new_phy2log: torch.Tensor
-    plans: list[LayerPlan]
-    old_balancedness: float
-    new_balancedness: float
-
-    @property
-    def changed_layers(self) -> list[int]:
-        return [i for i, p in enumerate(self.plans) if not p.is_noop]
-
-
-class EplbModelState:
-    """One registered model: its maps, load window, staging buffer and worker."""
-
-    def __init__(
-        self,
-        model: Any,
-        model_name: str,
-        maps: ExpertMaps,
-        load_pass: torch.Tensor,
-        window: LoadWindow,
-        num_unpadded_tokens_tensors: list[torch.Tensor],
-    ) -> None:
-        self.model = model
-        self.model_name = model_name
-        self.maps = maps
-        self.expert_load_pass = load_pass
-        self.window = window
-        self.num_unpadded_tokens_tensors = num_unpadded_tokens_tensors
-        self.buffer: Any = None
-        self.transport: Any = None
-        self.worker: Any = None
-        self.plan: _Plan | None = None
-        self.pending_layers: list[int] = []
-        self.harvested = False  # worker stats of the current job already counted
-
-    # vLLM's EplbModelState attribute names, for code that reads them.
-    @property
-    def physical_to_logical_map(self) -> torch.Tensor:
-        return self.maps.phy2log
-
-    @property
-    def logical_to_physical_map(self) -> torch.Tensor:
-        return self.maps.log2phy
-
-    @property
-    def logical_replica_count(self) -> torch.Tensor:
-        return self.maps.logcnt
-
-    @property
-    def rebalanced(self) -> bool:
-        """A rebalance of this model is in flight (vLLM's flag name)."""
-        return self.plan is not None
-
-
-def _initial_row(num_routed_experts: int, num_redundant_experts: int) -> list[int]:
-    """vLLM's initial placement: experts in order, then redundant ``i % E``.
-
-    vLLM's weight loader fills the physical slots by this rule, so the maps
-    must start from it.
-    """
-    row = list(range(num_routed_experts))
-    return row + [i % num_routed_experts for i in range(num_redundant_experts)]
-
-
-def _initial_phy2log(model: Any) -> torch.Tensor:
-    row = _initial_row(model.num_routed_experts, model.num_redundant_experts)
-    if len(row) != model.num_physical_experts or max(row) >= model.num_logical_experts:
-        raise ValueError(
-            f"model has {model.num_physical_experts} physical experts but "
-            f"{model.num_routed_experts} routed + {model.num_redundant_experts} "
-            "redundant"
-        )
-    return torch.tensor(row, dtype=torch.int64).expand(model.num_moe_layers, -1)
 
 
 def _join_helper_threads(deadline: float) -> list[str]:
@@ -289,7 +151,7 @@ class EplbState:
         self._planner.submit(int).result()
         self._plan_future: concurrent.futures.Future | None = None
         self._plan_status = "none"  # none|planning|planned|submitted|skip|failed
-        self._plans: list[_Plan] = []
+        self._plans: list[PlannedRebalance] = []
         self._local_error: str | None = None
         self._local_exc: BaseException | None = None
         self._last_progress = time.monotonic()
@@ -301,7 +163,7 @@ class EplbState:
         num_routed_experts: int, num_redundant_experts: int
     ) -> Sequence[int]:
         """Initial ``phy2log`` row (vLLM's weight loader relies on it)."""
-        return _initial_row(num_routed_experts, num_redundant_experts)
+        return initial_row(num_routed_experts, num_redundant_experts)
 
     @property
     def ep(self) -> EpGroupInfo:
@@ -395,76 +257,15 @@ class EplbState:
         )
 
     def _check_model(self, model: Any) -> torch.Tensor:
-        """Refuse a model EPLB cannot serve, before anything is changed.
-
-        Returns the initial ``phy2log``. Every rank sees the same geometry, so
-        all ranks refuse together, before the collective group creation.
-        """
-        from vllm.distributed.async_eplb.staging import RowLayout
-
-        num_layers = getattr(model, "num_moe_layers", 0)
-        if not isinstance(num_layers, int) or num_layers <= 0:
-            raise ValueError(
-                f"model {type(model).__name__} has no MoE layers "
-                f"(num_moe_layers={num_layers!r})"
-            )
-        if self.model_states:
-            registered = next(iter(self.model_states.values())).model
-            self._check_same_geometry(registered, model)
-        configured = getattr(
-            self.parallel_config.eplb_config, "num_redundant_experts", None
+        registered = next(iter(self.model_states.values()), None)
+        return check_model(
+            model,
+            registered=registered.model if registered is not None else None,
+            configured_redundant=getattr(
+                self.parallel_config.eplb_config, "num_redundant_experts", None
+            ),
+            num_ranks=self.ep.world_size,
         )
-        if configured is not None and configured != model.num_redundant_experts:
-            raise ValueError(
-                f"model has {model.num_redundant_experts} redundant experts, "
-                f"eplb_config.num_redundant_experts is {configured}"
-            )
-        world = self.ep.world_size
-        if model.num_physical_experts % world:
-            raise ValueError(
-                f"{model.num_physical_experts} physical experts are not divisible "
-                f"by {world} EP ranks"
-            )
-        initial = _initial_phy2log(model)
-        weights = getattr(model, "expert_weights", None)
-        if weights is None or len(weights) != num_layers:
-            found = "none" if weights is None else len(weights)
-            raise ValueError(
-                f"model has {num_layers} MoE layers but expert weights for {found}"
-            )
-        layout = RowLayout.of(weights[0])
-        local = model.num_physical_experts // world
-        for layer, layer_weights in enumerate(weights):
-            if layer_weights[0].shape[0] != local:
-                raise ValueError(
-                    f"layer {layer}'s expert weights hold "
-                    f"{layer_weights[0].shape[0]} slots, expected {local} "
-                    f"({model.num_physical_experts} physical / {world} ranks)"
-                )
-            found_layout = RowLayout.of(layer_weights)
-            if found_layout != layout:
-                raise ValueError(
-                    f"layer {layer}'s expert weights (shapes {found_layout.shapes}, "
-                    f"dtypes {found_layout.dtypes}) differ from layer 0's "
-                    f"(shapes {layout.shapes}, dtypes {layout.dtypes})"
-                )
-        return initial
-
-    @staticmethod
-    def _check_same_geometry(model: Any, new_model: Any) -> None:
-        names = (
-            "num_routed_experts",
-            "num_redundant_experts",
-            "num_physical_experts",
-            "num_logical_experts",
-            "num_expert_groups",
-        )
-        for name in names:
-            if getattr(model, name) != getattr(new_model, name):
-                raise ValueError(
-                    f"{name} of the new model is {getattr(new_model, name)}, "
-                    f"the registered model has {getattr(model, name)}"
-                )
 
     def _propagate_shared_tensors(
         self, model: Any, num_unpadded_tokens_tensors: list[torch.Tensor]
@@ -636,47 +437,26 @@ class EplbState:
             offset += size
         return out
 
-    def _compute_plan(self, state: EplbModelState, load: torch.Tensor) -> _Plan:
+    def _compute_plan(
+        self, state: EplbModelState, load: torch.Tensor
+    ) -> PlannedRebalance:
         """Placement + gain + transfer plans: pure, identical on every rank."""
-        model, ep = state.model, self.ep
-        old = state.maps.phy2log.to("cpu")
-        num_nodes = max(1, ep.world_size // ep.ranks_per_node)
-        new = rebalance_experts(
-            load.to(torch.float32),
-            model.num_physical_experts,
-            model.num_expert_groups,
-            num_nodes,
-            ep.world_size,
-            old,
+        return plan_rebalance(
+            state.maps.phy2log,
+            load,
+            num_groups=state.model.num_expert_groups,
+            num_ranks=self.ep.world_size,
+            ranks_per_node=self.ep.ranks_per_node,
             policy=self.config.policy,
         )
-        new = torch.as_tensor(new, dtype=torch.int64).reshape(old.shape)
-        plans = []
-        for layer in range(old.shape[0]):
-            plans += plan_layers(
-                old[layer : layer + 1],
-                new[layer : layer + 1],
-                ep.world_size,
-                ep.ranks_per_node,
-            )
-            # Hand the GIL back between layers: this runs beside the engine's
-            # main thread, which would otherwise wait up to a switch interval.
-            time.sleep(0)
-        return _Plan(
-            new_phy2log=new,
-            plans=plans,
-            old_balancedness=predicted_balancedness(load, old, ep.world_size),
-            new_balancedness=predicted_balancedness(load, new, ep.world_size),
-        )
 
-    def _compute_plans(self, loads: list[torch.Tensor]) -> list[_Plan]:
+    def _compute_plans(self, loads: list[torch.Tensor]) -> list[PlannedRebalance]:
         states = list(self.model_states.values())
         pairs = zip(states, loads, strict=True)
         return [self._compute_plan(state, load) for state, load in pairs]
 
-    def _gain_too_small(self, plans: list[_Plan]) -> bool:
-        old = sum(p.old_balancedness for p in plans) / len(plans)
-        new = sum(p.new_balancedness for p in plans) / len(plans)
+    def _gain_too_small(self, plans: list[PlannedRebalance]) -> bool:
+        old, new = mean_predicted(plans)
         self.counters.last_predicted = (old, new)
         return new - old < self.config.min_gain
 
@@ -718,7 +498,7 @@ class EplbState:
             self._plan_status = "skip" if skip else "planned"
         return self._plan_status != "planning", self._plan_status == "skip"
 
-    def _submit(self, plans: list[_Plan]) -> None:
+    def _submit(self, plans: list[PlannedRebalance]) -> None:
         if not self._async_started:
             self.start_async_loop()
         for state, plan in zip(self.model_states.values(), plans, strict=True):
@@ -833,7 +613,7 @@ class EplbState:
                 start = time.perf_counter()
                 state.worker.commit_layer(layer, state.maps)
                 elapsed = time.perf_counter() - start
-                _keep_recent(self.counters.commit_seconds, [elapsed])
+                keep_recent(self.counters.commit_seconds, [elapsed])
                 self.counters.layers_committed += 1
                 state.pending_layers.remove(layer)
                 budget -= 1
@@ -848,7 +628,7 @@ class EplbState:
         if stats is None or stats.job_id != self._epoch or state.harvested:
             return
         self.counters.bytes_moved += int(stats.bytes_received)
-        _keep_recent(self.counters.staging_seconds, list(stats.layer_seconds.values()))
+        keep_recent(self.counters.staging_seconds, list(stats.layer_seconds.values()))
         state.harvested = True
 
     def _end_epoch(self) -> None:
@@ -946,9 +726,7 @@ class EplbState:
         """
         death = self._dead_worker()
         where = f"on this rank: {death!r}" if death else "on another rank"
-        cause = (
-            f"staging worker thread died on {dead_ranks} rank(s) ({where})"
-        )
+        cause = f"staging worker thread died on {dead_ranks} rank(s) ({where})"
         self.counters.worker_deaths += dead_ranks
         self._turn_off(cause)
 
@@ -1058,7 +836,7 @@ class EplbState:
         )
         self._backend.synchronize()
         self.counters.bytes_moved += int(received)
-        _keep_recent(self.counters.staging_seconds, [time.perf_counter() - start])
+        keep_recent(self.counters.staging_seconds, [time.perf_counter() - start])
         # Peers may read our old rows until they are done: wait for all of them.
         if self._vote is not None and self._vote.group is not None:
             dist.barrier(group=self._vote.group)
@@ -1069,7 +847,7 @@ class EplbState:
         copy_slot_runs(weights, buffers, slot_runs(changed, changed))
         state.maps.commit_layer(layer, new_row.to(self.device))
         self._backend.synchronize()
-        _keep_recent(self.counters.commit_seconds, [time.perf_counter() - start])
+        keep_recent(self.counters.commit_seconds, [time.perf_counter() - start])
         self.counters.layers_committed += 1
 
     def _profile_transfer(self) -> None:

@@ -1,0 +1,206 @@
+"""Per-model EPLB state, its counters, and the checks a model must pass.
+
+``EplbModelState`` keeps vLLM's attribute names (``physical_to_logical_map``,
+...) for code that reads them; the checks refuse a model before anything is
+allocated or any collective runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm.distributed.async_eplb.load_stats import LoadWindow
+from vllm.distributed.async_eplb.maps import ExpertMaps
+from vllm.distributed.async_eplb.rebalance_plan import PlannedRebalance
+from vllm.distributed.async_eplb.staging import RowLayout
+
+__all__ = [
+    "EplbCounters",
+    "EplbModelState",
+    "check_model",
+    "initial_row",
+    "keep_recent",
+]
+
+# Timing samples kept in EplbCounters: the most recent ones, so that weeks of
+# serving do not grow memory.
+MAX_SAMPLES = 65536
+
+
+@dataclass
+class EplbCounters:
+    """What happened so far on this rank; read by the simulator and benchmarks."""
+
+    rebalances: int = 0
+    skips: int = 0
+    aborts: int = 0
+    layers_committed: int = 0
+    bytes_moved: int = 0
+    staging_seconds: list[float] = field(default_factory=list)
+    commit_seconds: list[float] = field(default_factory=list)
+    last_abort_cause: str | None = None
+    last_predicted: tuple[float, float] | None = None
+    """(old, new) predicted balancedness of the last planned rebalance."""
+    last_balancedness: float | None = None
+    """Last logged balancedness (mean/max tokens per rank)."""
+    worker_deaths: int = 0
+    """Staging worker threads found dead (summed over the EP group)."""
+    balancing_enabled: bool = True
+    """False once rebalancing was turned off; serving goes on unbalanced."""
+    disabled_cause: str | None = None
+
+
+def keep_recent(samples: list[float], new: Sequence[float]) -> None:
+    """Append ``new``; past ``MAX_SAMPLES``, drop the oldest half."""
+    samples.extend(new)
+    if len(samples) > MAX_SAMPLES:
+        del samples[: len(samples) - MAX_SAMPLES // 2]
+
+
+class EplbModelState:
+    """One registered model: its maps, load window, staging buffer and worker."""
+
+    def __init__(
+        self,
+        model: Any,
+        model_name: str,
+        maps: ExpertMaps,
+        load_pass: torch.Tensor,
+        window: LoadWindow,
+        num_unpadded_tokens_tensors: list[torch.Tensor],
+    ) -> None:
+        self.model = model
+        self.model_name = model_name
+        self.maps = maps
+        self.expert_load_pass = load_pass
+        self.window = window
+        self.num_unpadded_tokens_tensors = num_unpadded_tokens_tensors
+        self.buffer: Any = None
+        self.transport: Any = None
+        self.worker: Any = None
+        self.plan: PlannedRebalance | None = None
+        self.pending_layers: list[int] = []
+        self.harvested = False  # worker stats of the current job already counted
+
+    # vLLM's EplbModelState attribute names, for code that reads them.
+    @property
+    def physical_to_logical_map(self) -> torch.Tensor:
+        return self.maps.phy2log
+
+    @property
+    def logical_to_physical_map(self) -> torch.Tensor:
+        return self.maps.log2phy
+
+    @property
+    def logical_replica_count(self) -> torch.Tensor:
+        return self.maps.logcnt
+
+    @property
+    def rebalanced(self) -> bool:
+        """A rebalance of this model is in flight (vLLM's flag name)."""
+        return self.plan is not None
+
+
+def initial_row(num_routed_experts: int, num_redundant_experts: int) -> list[int]:
+    """vLLM's initial placement: experts in order, then redundant ``i % E``.
+
+    vLLM's weight loader fills the physical slots by this rule, so the maps
+    must start from it.
+    """
+    row = list(range(num_routed_experts))
+    return row + [i % num_routed_experts for i in range(num_redundant_experts)]
+
+
+def _initial_phy2log(model: Any) -> torch.Tensor:
+    row = initial_row(model.num_routed_experts, model.num_redundant_experts)
+    if len(row) != model.num_physical_experts or max(row) >= model.num_logical_experts:
+        raise ValueError(
+            f"model has {model.num_physical_experts} physical experts but "
+            f"{model.num_routed_experts} routed + {model.num_redundant_experts} "
+            "redundant"
+        )
+    return torch.tensor(row, dtype=torch.int64).expand(model.num_moe_layers, -1)
+
+
+_GEOMETRY = (
+    "num_routed_experts",
+    "num_redundant_experts",
+    "num_physical_experts",
+    "num_logical_experts",
+    "num_expert_groups",
+)
+
+
+def check_model(
+    model: Any,
+    *,
+    registered: Any | None,
+    configured_redundant: int | None,
+    num_ranks: int,
+) -> torch.Tensor:
+    """Refuse a model EPLB cannot serve; return its initial ``phy2log``.
+
+    ``registered`` is a model already registered (a drafter must match it).
+    Every rank sees the same geometry, so all ranks refuse together, before
+    the collective group creation.
+    """
+    num_layers = getattr(model, "num_moe_layers", 0)
+    if not isinstance(num_layers, int) or num_layers <= 0:
+        raise ValueError(
+            f"model {type(model).__name__} has no MoE layers "
+            f"(num_moe_layers={num_layers!r})"
+        )
+    if registered is not None:
+        for name in _GEOMETRY:
+            if getattr(registered, name) != getattr(model, name):
+                raise ValueError(
+                    f"{name} of the new model is {getattr(model, name)}, "
+                    f"the registered model has {getattr(registered, name)}"
+                )
+    if configured_redundant is not None and (
+        configured_redundant != model.num_redundant_experts
+    ):
+        raise ValueError(
+            f"model has {model.num_redundant_experts} redundant experts, "
+            f"eplb_config.num_redundant_experts is {configured_redundant}"
+        )
+    if model.num_physical_experts % num_ranks:
+        raise ValueError(
+            f"{model.num_physical_experts} physical experts are not divisible "
+            f"by {num_ranks} EP ranks"
+        )
+    initial = _initial_phy2log(model)
+    weights = getattr(model, "expert_weights", None)
+    if weights is None or len(weights) != num_layers:
+        found = "none" if weights is None else len(weights)
+        raise ValueError(
+            f"model has {num_layers} MoE layers but expert weights for {found}"
+        )
+    _check_weight_layout(weights, model.num_physical_experts, num_ranks)
+    return initial
+
+
+def _check_weight_layout(
+    weights: Sequence[Sequence[torch.Tensor]], num_physical: int, num_ranks: int
+) -> None:
+    """Every layer holds this rank's slots, with layer 0's shapes and dtypes."""
+    local = num_physical // num_ranks
+    layout = RowLayout.of(weights[0])
+    for layer, layer_weights in enumerate(weights):
+        if layer_weights[0].shape[0] != local:
+            raise ValueError(
+                f"layer {layer}'s expert weights hold "
+                f"{layer_weights[0].shape[0]} slots, expected {local} "
+                f"({num_physical} physical / {num_ranks} ranks)"
+            )
+        found_layout = RowLayout.of(layer_weights)
+        if found_layout != layout:
+            raise ValueError(
+                f"layer {layer}'s expert weights (shapes {found_layout.shapes}, "
+                f"dtypes {found_layout.dtypes}) differ from layer 0's "
+                f"(shapes {layout.shapes}, dtypes {layout.dtypes})"
+            )
