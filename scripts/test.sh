@@ -15,6 +15,7 @@ ASYNC_EPLB_EXPECT_VLLM=0 .venv-core/bin/python -m pytest -q -p no:cacheprovider 
   tests/distributed/async_eplb/test_maps.py \
   tests/distributed/async_eplb/test_planner.py \
   tests/distributed/async_eplb/test_rebalance_api.py \
+  tests/distributed/async_eplb/test_rebalance_plan.py \
   tests/distributed/async_eplb/test_rebalance_default.py
 scripts/setup_env.sh .venv test
 .venv/bin/python -m ruff check .
