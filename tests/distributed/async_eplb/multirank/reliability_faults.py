@@ -40,7 +40,10 @@ from vllm.distributed.async_eplb.eplb_state import EpGroupInfo, EplbState
 from vllm.distributed.async_eplb.simulation.toy_moe import ToyMoE
 
 LAYERS, EXPERTS, REDUNDANT, TOKENS, TOP_K = 3, 16, 4, 48, 2
-TIMEOUT_S = 1.0
+TIMEOUT_S = 1.0  # the fault scenarios wait it out: short keeps the test short
+# The soak injects nothing: a scheduling hiccup of a loaded machine must not
+# pass for a stall there.
+SOAK_TIMEOUT_S = 10.0
 MODEL_CONFIG = SimpleNamespace(model="toy", compute_hash=lambda: "toy-hash")
 
 
@@ -70,7 +73,7 @@ def rss_bytes() -> int:
 
 
 def make_state(
-    interval: int, window: int, layers_per_step: int
+    interval: int, window: int, layers_per_step: int, timeout_s: float = TIMEOUT_S
 ) -> tuple[EplbState, ToyMoE]:
     rank, world = dist.get_rank(), dist.get_world_size()
     eplb_config = SimpleNamespace(
@@ -87,7 +90,7 @@ def make_state(
     model = ToyMoE(LAYERS, EXPERTS, REDUNDANT, world, rank, hidden_size=8,
                    top_k=TOP_K, dtype=torch.bfloat16)
     config = AsyncEplbConfig(
-        min_gain=0.0, vote_delay=1, timeout_s=TIMEOUT_S,
+        min_gain=0.0, vote_delay=1, timeout_s=timeout_s,
         layers_per_step=layers_per_step,
     )
     state = EplbState(
@@ -221,7 +224,9 @@ def fault_scenario(kind: str, on_rank: int, steps: int, errors: ErrorRecords) ->
 
 
 def soak_scenario(rebalances: int) -> dict:
-    state, model = make_state(interval=4, window=4, layers_per_step=LAYERS)
+    state, model = make_state(
+        interval=4, window=4, layers_per_step=LAYERS, timeout_s=SOAK_TIMEOUT_S
+    )
     c = state.counters
     samples: list[int] = []
     step = 0
