@@ -397,9 +397,14 @@ class EplbState:
         except VoteError as exc:
             self._abort(f"vote failed: {exc}", local=True)
             return
+        handlers = {
+            "load": self._on_load_vote,
+            "ready": self._on_ready_vote,
+            "recover": self._on_recover_vote,
+            "log": self._on_log_vote,
+        }
         for result in results:
-            handler = getattr(self, f"_on_{result.kind}_vote")
-            handler(result)
+            handlers[result.kind](result)
 
     # -- load aggregation and planning -----------------------------------------
     def rearrange(
