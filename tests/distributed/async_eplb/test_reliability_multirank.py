@@ -86,6 +86,10 @@ def test_slow_staging_times_out_without_blocking_the_step_loop(
         "no staging progress" in c or c.endswith("other rank(s) failed")
         for c in causes
     ), causes
+    # A rank stalled inside a transfer names whom it waits for: only rank 2.
+    for cause in causes:
+        if "waiting for" in cause:
+            assert cause.endswith("(transfers waiting for EP ranks [2])"), cause
     for r in ranks:
         # step() never waits for the slow rank, let alone past the timeout
         assert r["max_step_s"] < r["timeout_s"], r["max_step_s"]

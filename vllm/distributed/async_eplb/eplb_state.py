@@ -563,14 +563,27 @@ class EplbState:
             self._last_progress = time.monotonic()
         elif time.monotonic() - self._last_progress > self.config.timeout_s:
             error = True
-            self._local_error = self._local_error or (
-                f"no staging progress for {self.config.timeout_s:.1f} s"
-            )
+            self._local_error = self._local_error or self._stall_cause()
         dead = int(self._dead_worker() is not None)
         payload = [int(error), int(planned), int(skip), dead]
         for flag in flags:
             payload += flag
         self._launch("ready", torch.tensor(payload, dtype=torch.int64), self._epoch)
+
+    def _stall_cause(self) -> str:
+        """Why this rank gives up waiting; names the ranks its transfers wait for."""
+        waiting = sorted(
+            {
+                peer
+                for state in self.model_states.values()
+                if state.worker is not None
+                for peer in state.worker.waiting_for()
+            }
+        )
+        cause = f"no staging progress for {self.config.timeout_s:.1f} s"
+        if waiting:
+            cause += f" (transfers waiting for EP ranks {waiting})"
+        return cause
 
     def _on_ready_vote(self, result: VoteResult) -> None:
         if result.context != self._epoch or self._phase != "active":

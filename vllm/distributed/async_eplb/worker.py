@@ -201,6 +201,10 @@ class StagingWorker:
         with self._cond:
             return self._active is not None
 
+    def waiting_for(self) -> tuple[int, ...]:
+        """Peer ranks the thread's transfer is blocked on right now."""
+        return self.transport.waiting_for()
+
     # ---- main thread -----------------------------------------------------
 
     def submit(

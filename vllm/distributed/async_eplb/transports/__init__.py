@@ -54,6 +54,17 @@ def _never() -> bool:
 class Transport(ABC):
     name: ClassVar[str]
     should_abort: Callable[[], bool] = staticmethod(_never)
+    _waiting_on: tuple[int, ...] = ()
+
+    def waiting_for(self) -> tuple[int, ...]:
+        """Peers (ranks in the staging group) this transport waits for now.
+
+        Read from other threads, to say whom a stalled rank is waiting for.
+        """
+        return self._waiting_on
+
+    def _set_waiting_on(self, peers: Sequence[int]) -> None:
+        self._waiting_on = tuple(peers)
 
     def set_abort_check(self, check: Callable[[], bool]) -> None:
         """A transport waiting on peers gives up once ``check()`` is true."""

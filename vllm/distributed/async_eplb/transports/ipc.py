@@ -85,6 +85,9 @@ class IpcTransport(Transport):
         super().set_abort_check(check)
         self.cross_node.set_abort_check(check)
 
+    def waiting_for(self) -> tuple[int, ...]:
+        return tuple(sorted({*super().waiting_for(), *self.cross_node.waiting_for()}))
+
     def prepare_job(self, job_id: int | None = None) -> None:
         """Wait until every peer's weights are final before pulling from them.
 
@@ -100,6 +103,7 @@ class IpcTransport(Transport):
             self.timeout,
             self.should_abort,
             pollable=self.cross_node.pollable,
+            progress=self._set_waiting_on,
         )
 
     def stage_layer(

@@ -84,12 +84,17 @@ def _raise_if_aborted(should_abort: Callable[[], bool], waiting_on: list[int]) -
         raise TransferError(f"aborted while waiting for ranks {waiting_on}", waiting_on)
 
 
+def _peers_of(peers: Sequence[Sequence[int]]) -> list[int]:
+    return sorted({p for ps in peers for p in ps})
+
+
 def _poll_works(
     works: Sequence[Any],
     peers: Sequence[Sequence[int]],
     deadline: float,
     timeout: float,
     should_abort: Callable[[], bool],
+    progress: Callable[[Sequence[int]], None],
 ) -> None:
     """Poll device-collective works until done, aborted or past the deadline."""
     delay = 1e-4
@@ -98,7 +103,8 @@ def _poll_works(
         pending = [i for i in pending if not works[i].is_completed()]
         if not pending:
             return
-        waiting_on = sorted({p for i in pending for p in peers[i]})
+        waiting_on = _peers_of([peers[i] for i in pending])
+        progress(waiting_on)
         _raise_if_aborted(should_abort, waiting_on)
         if time.monotonic() > deadline:
             raise TransferError(
@@ -110,10 +116,14 @@ def _poll_works(
 
 
 def _wait_each(
-    works: Sequence[Any], peers: Sequence[Sequence[int]], deadline: float
+    works: Sequence[Any],
+    peers: Sequence[Sequence[int]],
+    deadline: float,
+    progress: Callable[[Sequence[int]], None],
 ) -> None:
     """One bounded ``wait`` per work, all within ``deadline``."""
     for work, work_peers in zip(works, peers, strict=True):
+        progress(sorted(work_peers))  # the peers this thread is blocked on now
         remaining = max(deadline - time.monotonic(), 1e-3)
         try:
             work.wait(timeout=timedelta(seconds=remaining))
@@ -143,6 +153,7 @@ def _wait_gloo(
     peers: Sequence[Sequence[int]],
     deadline: float,
     should_abort: Callable[[], bool],
+    progress: Callable[[Sequence[int]], None],
 ) -> None:
     """gloo works: one bounded ``wait`` each, on a helper thread.
 
@@ -157,10 +168,11 @@ def _wait_gloo(
 
     def wait_all() -> None:
         try:
-            _wait_each(works, peers, deadline)
+            _wait_each(works, peers, deadline, progress)
         except BaseException as exc:  # handed to the calling thread
             failure.append(exc)
         finally:
+            progress(())
             with _waiters_lock:
                 _waiters.discard(threading.current_thread())
 
@@ -171,7 +183,7 @@ def _wait_gloo(
     while waiter.is_alive():
         waiter.join(_ABORT_POLL_S)  # returns as soon as the waits are done
         if waiter.is_alive():
-            _raise_if_aborted(should_abort, sorted({p for ps in peers for p in ps}))
+            _raise_if_aborted(should_abort, _peers_of(peers))
     if failure:
         raise failure[0]
 
@@ -183,23 +195,30 @@ def wait_works(
     should_abort: Callable[[], bool],
     *,
     pollable: bool = True,
+    progress: Callable[[Sequence[int]], None] = lambda peers: None,
 ) -> None:
     """Wait for every work, never longer than ``timeout``; errors name peers.
 
     Gives up with ``TransferError`` as soon as ``should_abort()`` is true (a
     stop request), without waiting out ``timeout``. ``pollable`` works (NCCL,
     HCCL) are polled; gloo's are waited for on a helper thread (see
-    ``_wait_gloo``).
+    ``_wait_gloo``). ``progress`` is told the peers still waited for as they
+    change (from the helper thread for gloo); ``()`` once the wait ends.
     """
     deadline = time.monotonic() + timeout
     if not works:
         return
-    _raise_if_aborted(should_abort, sorted({p for ps in peers for p in ps}))
+    _raise_if_aborted(should_abort, _peers_of(peers))
     if pollable:
-        _poll_works(works, peers, deadline, timeout, should_abort)
-        _wait_each(works, peers, deadline)
+        try:
+            _poll_works(works, peers, deadline, timeout, should_abort, progress)
+            _wait_each(works, peers, deadline, progress)
+        finally:
+            progress(())
     else:
-        _wait_gloo(works, peers, deadline, should_abort)
+        # An abandoned gloo wait goes on on its helper thread and reports
+        # ``()`` when it ends, not here.
+        _wait_gloo(works, peers, deadline, should_abort, progress)
 
 
 class P2PTransport(Transport):
@@ -381,7 +400,14 @@ class P2PTransport(Transport):
                 peers.append([peer])
         if local is not None:
             local()
-        wait_works(works, peers, self.timeout, self.should_abort, pollable=False)
+        wait_works(
+            works,
+            peers,
+            self.timeout,
+            self.should_abort,
+            pollable=False,
+            progress=self._set_waiting_on,
+        )
 
     def _run(self, messages: Sequence[Message], tag: int) -> None:
         """Post every message as one batch and wait for all of them."""
@@ -402,7 +428,12 @@ class P2PTransport(Transport):
             everyone = sorted({m.peer for m in messages})
             peers = [everyone] * len(works)
         wait_works(
-            works, peers, self.timeout, self.should_abort, pollable=self.pollable
+            works,
+            peers,
+            self.timeout,
+            self.should_abort,
+            pollable=self.pollable,
+            progress=self._set_waiting_on,
         )
 
     def _scratch_rows(self, num_rows: int, row_bytes: int) -> torch.Tensor:
