@@ -71,7 +71,8 @@ def _weights(model: ToyMoE) -> list[list[torch.Tensor]]:
 
 def _same(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> bool:
     return all(
-        torch.equal(x, y) for la, lb in zip(a, b, strict=True)
+        torch.equal(x, y)
+        for la, lb in zip(a, b, strict=True)
         for x, y in zip(la, lb, strict=True)
     )
 

@@ -53,8 +53,9 @@ def test_bad_value_names_variable_and_value(name: str, value: str) -> None:
     assert repr(value.strip()) in str(info.value) or value.strip() in str(info.value)
 
 
-@pytest.mark.parametrize(("raw", "expected"), [("0", False), ("off", False),
-                                               ("1", True), ("TRUE", True)])
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("0", False), ("off", False), ("1", True), ("TRUE", True)]
+)
 def test_plugin_switch(raw: str, expected: bool) -> None:
     assert plugin_enabled({"VLLM_ASYNC_EPLB": raw}) is expected
 

@@ -54,8 +54,18 @@ def test_failures_abort_everywhere_at_once_then_later_intervals_succeed(
     transport fails mid-staging in the next one, leaving its peers waiting:
     every rank aborts at the same step, recovers onto a spare staging group,
     and later rebalances complete. Outputs stay exact throughout."""
-    args = ["--mode", "async", "--steps", "400", "--timeout", "2",
-            "--fail-planning-rank", "1", "--fail-staging-rank", "2"]
+    args = [
+        "--mode",
+        "async",
+        "--steps",
+        "400",
+        "--timeout",
+        "2",
+        "--fail-planning-rank",
+        "1",
+        "--fail-staging-rank",
+        "2",
+    ]
     results = _results(args, tmp_path)
     for r in results:
         assert r["aborts"] == 2

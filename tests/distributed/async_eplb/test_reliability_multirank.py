@@ -38,8 +38,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     names = ("raise", "slow", "die", "soak", "shutdown")
     return {
         name: [
-            json.loads((out / f"{name}-rank{r}.json").read_text())
-            for r in range(RANKS)
+            json.loads((out / f"{name}-rank{r}.json").read_text()) for r in range(RANKS)
         ]
         for name in names
     }
@@ -83,8 +82,7 @@ def test_slow_staging_times_out_without_blocking_the_step_loop(
     causes = [r["abort_cause"] for r in ranks]
     assert any("no staging progress" in c for c in causes), causes
     assert all(
-        "no staging progress" in c or c.endswith("other rank(s) failed")
-        for c in causes
+        "no staging progress" in c or c.endswith("other rank(s) failed") for c in causes
     ), causes
     # A rank stalled inside a transfer names whom it waits for: only rank 2.
     for cause in causes:

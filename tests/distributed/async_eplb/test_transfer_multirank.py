@@ -25,8 +25,10 @@ SCRIPT = Path(__file__).parent / "multirank" / "transfer_worker_main.py"
         pytest.param(
             2,
             [
-                "--transport", "gloo-staged",
-                "--modes", "full,cancel,abort,tags,fault",
+                "--transport",
+                "gloo-staged",
+                "--modes",
+                "full,cancel,abort,tags,fault",
             ],
             id="2ranks-gloo-staged-fault",
         ),

@@ -151,14 +151,18 @@ class LoadWindow:
         """Logical load summed over the window, ``[L, E]`` int64."""
         num_layers = self._steps.shape[1]
         out = torch.zeros(
-            num_layers, self.num_logical_experts, dtype=torch.int64,
+            num_layers,
+            self.num_logical_experts,
+            dtype=torch.int64,
             device=self._steps.device,
         )
         for version in sorted(set(self._version_of_step) - {-1}):
             rows = [i for i, v in enumerate(self._version_of_step) if v == version]
             physical = self._steps[rows].sum(dim=0)
             out += fold_to_logical(
-                physical, self._placements[version], self.num_logical_experts,
+                physical,
+                self._placements[version],
+                self.num_logical_experts,
                 check_values=False,
             )
         return out

@@ -87,10 +87,20 @@ def make_state(
     parallel_config = SimpleNamespace(
         eplb_config=eplb_config, enable_elastic_ep=False, num_ubatches=0
     )
-    model = ToyMoE(LAYERS, EXPERTS, REDUNDANT, world, rank, hidden_size=8,
-                   top_k=TOP_K, dtype=torch.bfloat16)
+    model = ToyMoE(
+        LAYERS,
+        EXPERTS,
+        REDUNDANT,
+        world,
+        rank,
+        hidden_size=8,
+        top_k=TOP_K,
+        dtype=torch.bfloat16,
+    )
     config = AsyncEplbConfig(
-        min_gain=0.0, vote_delay=1, timeout_s=timeout_s,
+        min_gain=0.0,
+        vote_delay=1,
+        timeout_s=timeout_s,
         layers_per_step=layers_per_step,
     )
     state = EplbState(
@@ -191,7 +201,7 @@ def fire_once(kind: str, on_rank: int, at_call: int = 2) -> None:
 def recovered(state: EplbState, events: list) -> bool:
     """Stop once a rebalance committed after an abort or a turn-off + 2 intervals."""
     kinds = [kind for _, kind, _ in events]
-    if "abort" in kinds and "rebalance" in kinds[kinds.index("abort"):]:
+    if "abort" in kinds and "rebalance" in kinds[kinds.index("abort") :]:
         return True
     if "off" in kinds:
         off_step = events[kinds.index("off")][0]
@@ -245,8 +255,13 @@ def soak_scenario(rebalances: int) -> dict:
     seconds = time.perf_counter() - start
     gc.collect()
     samples.append(rss_bytes())
-    agree((c.rebalances, c.layers_committed, state.model_states["toy-hash"]
-           .maps.phy2log.tolist()))
+    agree(
+        (
+            c.rebalances,
+            c.layers_committed,
+            state.model_states["toy-hash"].maps.phy2log.tolist(),
+        )
+    )
     warm = samples[min(len(samples) - 1, max(10, len(samples) // 5))]
     result = {
         "rebalances": c.rebalances,
@@ -257,7 +272,7 @@ def soak_scenario(rebalances: int) -> dict:
         "seconds": seconds,
         "rss_after_warmup": warm,
         "rss_end": samples[-1],
-        "rss_max_after_warmup": max(samples[samples.index(warm):]),
+        "rss_max_after_warmup": max(samples[samples.index(warm) :]),
     }
     state.shutdown()
     return result

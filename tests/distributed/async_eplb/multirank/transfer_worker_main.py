@@ -202,7 +202,10 @@ def run_fault(sc: Scenario, world) -> str:
 def _stage_layer0(sc: Scenario, transport, weights, buffer, job: int) -> None:
     transport.prepare_job(job)
     transport.stage_layer(
-        sc.plans(sc.old, sc.new)[0], sc.rank, weights, buffer.slot(0),
+        sc.plans(sc.old, sc.new)[0],
+        sc.rank,
+        weights,
+        buffer.slot(0),
         packed=buffer.packed(0),
     )
 
@@ -282,7 +285,10 @@ def run_tags(sc: Scenario, world) -> str:
 
 
 MODES = {
-    "full": run_full, "cancel": run_cancel, "abort": run_abort, "tags": run_tags,
+    "full": run_full,
+    "cancel": run_cancel,
+    "abort": run_abort,
+    "tags": run_tags,
     "fault": run_fault,
 }
 
