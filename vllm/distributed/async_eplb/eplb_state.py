@@ -156,6 +156,13 @@ class EplbState:
         self._local_exc: BaseException | None = None
         self._last_progress = time.monotonic()
         self._async_started = False
+        # Built once: votes are collected at every step.
+        self._vote_handlers = {
+            "load": self._on_load_vote,
+            "ready": self._on_ready_vote,
+            "recover": self._on_recover_vote,
+            "log": self._on_log_vote,
+        }
 
     # -- set-up ------------------------------------------------------------
     @staticmethod
@@ -397,14 +404,8 @@ class EplbState:
         except VoteError as exc:
             self._abort(f"vote failed: {exc}", local=True)
             return
-        handlers = {
-            "load": self._on_load_vote,
-            "ready": self._on_ready_vote,
-            "recover": self._on_recover_vote,
-            "log": self._on_log_vote,
-        }
         for result in results:
-            handlers[result.kind](result)
+            self._vote_handlers[result.kind](result)
 
     # -- load aggregation and planning -----------------------------------------
     def rearrange(

@@ -54,6 +54,7 @@ def _never() -> bool:
 class Transport(ABC):
     name: ClassVar[str]
     should_abort: Callable[[], bool] = staticmethod(_never)
+    timeout: float
     _waiting_on: tuple[int, ...] = ()
 
     def waiting_for(self) -> tuple[int, ...]:
@@ -65,6 +66,22 @@ class Transport(ABC):
 
     def _set_waiting_on(self, peers: Sequence[int]) -> None:
         self._waiting_on = tuple(peers)
+
+    def _wait(
+        self, works: Sequence[Any], peers: Sequence[Sequence[int]], *, pollable: bool
+    ) -> None:
+        """Wait for this transport's works within its timeout and abort check,
+        keeping :meth:`waiting_for` up to date."""
+        from vllm.distributed.async_eplb.transports.p2p import wait_works
+
+        wait_works(
+            works,
+            peers,
+            self.timeout,
+            self.should_abort,
+            pollable=pollable,
+            progress=self._set_waiting_on,
+        )
 
     def set_abort_check(self, check: Callable[[], bool]) -> None:
         """A transport waiting on peers gives up once ``check()`` is true."""

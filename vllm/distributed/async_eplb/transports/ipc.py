@@ -27,7 +27,7 @@ from vllm.distributed.async_eplb.transports import (
     row_nbytes,
 )
 from vllm.distributed.async_eplb.transports.gloo_staged import GlooStagedTransport
-from vllm.distributed.async_eplb.transports.p2p import P2PTransport, wait_works
+from vllm.distributed.async_eplb.transports.p2p import P2PTransport
 
 __all__ = ["IpcTransport"]
 
@@ -97,14 +97,7 @@ class IpcTransport(Transport):
         """
         self.cross_node.prepare_job(job_id)
         work = dist.barrier(group=self.group, async_op=True)
-        wait_works(
-            [work],
-            [sorted(self.node_peers)],
-            self.timeout,
-            self.should_abort,
-            pollable=self.cross_node.pollable,
-            progress=self._set_waiting_on,
-        )
+        self._wait([work], [sorted(self.node_peers)], pollable=self.cross_node.pollable)
 
     def stage_layer(
         self,

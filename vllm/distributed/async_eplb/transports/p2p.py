@@ -400,14 +400,7 @@ class P2PTransport(Transport):
                 peers.append([peer])
         if local is not None:
             local()
-        wait_works(
-            works,
-            peers,
-            self.timeout,
-            self.should_abort,
-            pollable=False,
-            progress=self._set_waiting_on,
-        )
+        self._wait(works, peers, pollable=False)
 
     def _run(self, messages: Sequence[Message], tag: int) -> None:
         """Post every message as one batch and wait for all of them."""
@@ -427,14 +420,7 @@ class P2PTransport(Transport):
         else:  # coalesced into one work (NCCL / HCCL)
             everyone = sorted({m.peer for m in messages})
             peers = [everyone] * len(works)
-        wait_works(
-            works,
-            peers,
-            self.timeout,
-            self.should_abort,
-            pollable=self.pollable,
-            progress=self._set_waiting_on,
-        )
+        self._wait(works, peers, pollable=self.pollable)
 
     def _scratch_rows(self, num_rows: int, row_bytes: int) -> torch.Tensor:
         """Grow-only scratch, reused across layers: no allocation per layer."""
