@@ -20,9 +20,15 @@ import numpy as np
 import torch
 
 from .default import rebalance_default, warm_up_kernels
-from .validation import validate_rebalance_args
+from .validation import RebalanceArgumentError, validate_rebalance_args
 
-__all__ = ["POLICIES", "PolicyFn", "rebalance_experts", "warm_up"]
+__all__ = [
+    "POLICIES",
+    "PolicyFn",
+    "RebalanceArgumentError",
+    "rebalance_experts",
+    "warm_up",
+]
 
 PolicyFn = Callable[[np.ndarray, int, int, int, int, "np.ndarray | None"], np.ndarray]
 """``(load float32 [L, E], num_replicas, num_groups, num_nodes, num_ranks,
@@ -76,7 +82,8 @@ def rebalance_experts(
         ``phy2log [L, num_replicas]``, int64, on CPU.
 
     Raises:
-        ValueError: naming the bad argument or value.
+        RebalanceArgumentError: (a ``ValueError`` and an ``AssertionError``)
+            naming the bad argument or value.
     """
     chosen = POLICIES.get(policy) if isinstance(policy, str) else None
     if chosen is None:
