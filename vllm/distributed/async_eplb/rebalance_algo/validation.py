@@ -85,7 +85,9 @@ def validate_rebalance_args(
 def _load_as_float32(weight: Any) -> np.ndarray:
     if isinstance(weight, torch.Tensor):
         if weight.dtype == torch.bool or weight.is_complex():
-            raise RebalanceArgumentError(f"weight must hold real load counts, got {weight.dtype}")
+            raise RebalanceArgumentError(
+                f"weight must hold real load counts, got {weight.dtype}"
+            )
         if weight.dim() != 2:
             raise RebalanceArgumentError(
                 f"weight must have shape [L, E], got {tuple(weight.shape)}"
@@ -95,9 +97,13 @@ def _load_as_float32(weight: Any) -> np.ndarray:
         array = weight.detach().float().cpu().numpy()
     elif isinstance(weight, np.ndarray):
         if weight.dtype.kind not in "iuf":
-            raise RebalanceArgumentError(f"weight must hold real load counts, got {weight.dtype}")
+            raise RebalanceArgumentError(
+                f"weight must hold real load counts, got {weight.dtype}"
+            )
         if weight.ndim != 2:
-            raise RebalanceArgumentError(f"weight must have shape [L, E], got {weight.shape}")
+            raise RebalanceArgumentError(
+                f"weight must have shape [L, E], got {weight.shape}"
+            )
         array = weight.astype(np.float32, copy=False)
     else:
         raise RebalanceArgumentError(
