@@ -20,7 +20,9 @@ Both give identical results.
 
 Public helpers (stable names; other policies build on them):
 ``balanced_packing``, ``replicate_experts``, ``preserve_rank_slots``,
-``rebalance_hierarchical`` and the policy itself, ``rebalance_default``;
+``replicate_hierarchical`` and ``place_on_ranks`` (the hierarchical policy's
+steps before and after packing), ``rebalance_hierarchical`` and the policy
+itself, ``rebalance_default``;
 ``warm_up_kernels`` compiles ahead of the first rebalance.
 """
 
@@ -35,12 +37,15 @@ import numpy as np
 from .validation import uses_hierarchy
 
 __all__ = [
+    "NodeReplicas",
     "balanced_packing",
     "numba_available",
+    "place_on_ranks",
     "preserve_rank_slots",
     "rebalance_default",
     "rebalance_hierarchical",
     "replicate_experts",
+    "replicate_hierarchical",
     "warm_up_kernels",
 ]
 
@@ -398,30 +403,39 @@ def _inverse_permutation(perm: np.ndarray) -> np.ndarray:
     return inverse
 
 
-def rebalance_hierarchical(
+class NodeReplicas(NamedTuple):
+    """Steps 1-2 of the hierarchical policy: replicas by node, not yet on ranks.
+
+    Node ``n`` owns the node-major ("mlog") expert ids ``[n * E / N, (n + 1) *
+    E / N)``; its ``P / N`` replicas are row ``layer * N + n`` of ``phy2mlog``
+    (node-local mlog ids) and ``replica_load`` (tokens each replica carries).
+    """
+
+    mlog2log: np.ndarray  # [L, E] logical id of each mlog id
+    phy2mlog: np.ndarray  # [L * N, P / N] node-local mlog id of each replica
+    replica_load: np.ndarray  # [L * N, P / N] float64
+
+
+def replicate_hierarchical(
     weight: np.ndarray,
     num_physical: int,
     num_groups: int,
     num_nodes: int,
-    num_ranks: int,
     *,
     use_numba: bool | None = None,
-) -> np.ndarray:
-    """DeepSeek's three steps, for all layers at once: pack expert groups onto
-    nodes; replicate experts within each node; pack each node's replicas onto
-    its ranks. ``num_groups = num_nodes = 1`` is the global policy.
+) -> NodeReplicas:
+    """Pack expert groups onto nodes, then replicate experts within each node.
 
-    ``weight [L, E]`` float32, validated. Returns ``phy2log [L, num_physical]``.
+    ``weight [L, E]`` float32, validated; ``num_groups = num_nodes = 1`` is the
+    global policy's replication.
     """
     num_layers, num_logical = weight.shape
     group_size = num_logical // num_groups
     groups_per_node = num_groups // num_nodes
     logical_per_node = num_logical // num_nodes
     physical_per_node = num_physical // num_nodes
-    slots_per_rank = num_physical // num_ranks
 
-    # 1. Groups onto nodes. Node-major order of experts ("mlog"): node n owns
-    #    mlog ids [n * logical_per_node, (n + 1) * logical_per_node).
+    # 1. Groups onto nodes, in node-major ("mlog") order of experts.
     if groups_per_node == 1:
         group_slot = np.broadcast_to(
             np.arange(num_groups, dtype=np.int64), (num_layers, num_groups)
@@ -450,21 +464,58 @@ def rebalance_hierarchical(
     phy2mlog, mlog_count = replicate_experts(
         mlog_load, physical_per_node, use_numba=use_numba
     )
-
-    # 3. Each node's replicas onto its ranks.
     replica_load = np.take_along_axis(mlog_load / mlog_count, phy2mlog, axis=1)
-    rank, rank_slot = balanced_packing(
-        replica_load, num_ranks // num_nodes, use_numba=use_numba
-    )
+    return NodeReplicas(mlog2log, phy2mlog, replica_load)
+
+
+def place_on_ranks(
+    replicas: NodeReplicas,
+    rank: np.ndarray,
+    rank_slot: np.ndarray,
+    num_ranks: int,
+) -> np.ndarray:
+    """``phy2log [L, P]`` from each replica's rank within its node
+    (``rank [L * N, P / N]``) and slot within its rank (``rank_slot``)."""
+    num_layers, num_logical = replicas.mlog2log.shape
+    node_rows, physical_per_node = replicas.phy2mlog.shape
+    num_nodes = node_rows // num_layers
+    num_physical = physical_per_node * num_nodes
+    slots_per_rank = num_physical // num_ranks
+    logical_per_node = num_logical // num_nodes
     slot_of_replica = rank * slots_per_rank + rank_slot
     replica_of_slot = _inverse_permutation(slot_of_replica)
-    slot_mlog = np.take_along_axis(phy2mlog, replica_of_slot, axis=1).reshape(
+    slot_mlog = np.take_along_axis(replicas.phy2mlog, replica_of_slot, axis=1).reshape(
         num_layers, num_nodes, physical_per_node
     )
     slot_mlog = slot_mlog + (np.arange(num_nodes) * logical_per_node)[:, None]
     return np.take_along_axis(
-        mlog2log, slot_mlog.reshape(num_layers, num_physical), axis=1
+        replicas.mlog2log, slot_mlog.reshape(num_layers, num_physical), axis=1
     )
+
+
+def rebalance_hierarchical(
+    weight: np.ndarray,
+    num_physical: int,
+    num_groups: int,
+    num_nodes: int,
+    num_ranks: int,
+    *,
+    use_numba: bool | None = None,
+) -> np.ndarray:
+    """DeepSeek's three steps, for all layers at once: pack expert groups onto
+    nodes; replicate experts within each node; pack each node's replicas onto
+    its ranks. ``num_groups = num_nodes = 1`` is the global policy.
+
+    ``weight [L, E]`` float32, validated. Returns ``phy2log [L, num_physical]``.
+    """
+    replicas = replicate_hierarchical(
+        weight, num_physical, num_groups, num_nodes, use_numba=use_numba
+    )
+    # 3. Each node's replicas onto its ranks.
+    rank, rank_slot = balanced_packing(
+        replicas.replica_load, num_ranks // num_nodes, use_numba=use_numba
+    )
+    return place_on_ranks(replicas, rank, rank_slot, num_ranks)
 
 
 def rebalance_default(
