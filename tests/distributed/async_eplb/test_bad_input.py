@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
+from fake_vllm import parallel_config
 
 from vllm.distributed.async_eplb.config import AsyncEplbConfig
 from vllm.distributed.async_eplb.eplb_state import EpGroupInfo, EplbState
@@ -29,30 +29,11 @@ LAYERS, EXPERTS, REDUNDANT = 2, 8, 2
 MODEL_CONFIG = SimpleNamespace(model="toy", compute_hash=lambda: "toy-hash")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_rank_world(tmp_path_factory: pytest.TempPathFactory):
-    if dist.is_initialized():
-        yield
-        return
-    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "f"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_rank_world")
 
 
 def _parallel_config(**eplb: object) -> SimpleNamespace:
-    fields = dict(
-        window_size=4,
-        step_interval=4,
-        num_redundant_experts=REDUNDANT,
-        log_balancedness=False,
-        log_balancedness_interval=1,
-        use_async=True,
-    )
-    fields.update(eplb)
-    return SimpleNamespace(
-        eplb_config=SimpleNamespace(**fields), enable_elastic_ep=False, num_ubatches=0
-    )
+    return parallel_config(**{"num_redundant_experts": REDUNDANT, **eplb})
 
 
 def _state(**eplb: object) -> EplbState:
@@ -66,7 +47,11 @@ def _model() -> ToyMoE:
 
 
 def _weights(model: ToyMoE) -> list[list[torch.Tensor]]:
-    return [[w.clone() for w in layer] for layer in model.expert_weights]
+    """A copy of every layer's own weights (no ``expert_weights`` before
+    ``set_eplb_state``, as in vLLM)."""
+    return [
+        [w.clone() for w in layer.get_expert_weights()] for layer in model.moe_layers
+    ]
 
 
 def _same(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> bool:
@@ -84,11 +69,13 @@ def _bad_models() -> list[tuple[str, object, str]]:
     no_moe = SimpleNamespace(num_moe_layers=0)
     dense = SimpleNamespace()  # a model that is not MixtureOfExperts at all
     wrong_dtype = _model()
-    wrong_dtype.expert_weights[1][0] = wrong_dtype.expert_weights[1][0].double()
+    wrong_dtype.moe_layers[1].weights[0] = wrong_dtype.moe_layers[1].weights[0].double()
     wrong_slots = _model()
-    wrong_slots.expert_weights[0] = [w[:-1] for w in wrong_slots.expert_weights[0]]
+    wrong_slots.moe_layers[0].weights = [
+        w[:-1] for w in wrong_slots.moe_layers[0].weights
+    ]
     missing_layer = _model()
-    missing_layer.expert_weights = missing_layer.expert_weights[:1]
+    missing_layer.moe_layers = missing_layer.moe_layers[:1]
     too_many_redundant = _model()
     too_many_redundant.num_redundant_experts = REDUNDANT + 1
     not_divisible = ToyMoE(LAYERS, EXPERTS, REDUNDANT + 1, 1, 0, hidden_size=4)
@@ -97,7 +84,7 @@ def _bad_models() -> list[tuple[str, object, str]]:
         ("dense model", dense, "has no MoE layers"),
         ("wrong dtype", wrong_dtype, "torch.float64"),
         ("wrong slot count", wrong_slots, "hold 9 slots, expected 10"),
-        ("missing layer weights", missing_layer, "expert weights for 1"),
+        ("missing layer weights", missing_layer, "2 MoE layers but 1 in moe_layers"),
         ("more redundant than the maps allow", too_many_redundant, "3 redundant"),
         ("redundant != config", not_divisible, "num_redundant_experts is 2"),
     ]
@@ -110,13 +97,16 @@ def _bad_models() -> list[tuple[str, object, str]]:
 )
 def test_add_model_refuses_and_changes_nothing(model: object, message: str) -> None:
     state = _state()
-    weights = _weights(model) if hasattr(model, "expert_weights") else None
+    weights = _weights(model) if hasattr(model, "moe_layers") else None
     with pytest.raises(ValueError, match=message):
         state.add_model(model, MODEL_CONFIG)
     assert state.model_states == {}
-    assert getattr(model, "expert_load_view", None) is None  # never wired up
+    # Left as it was found: never wired up, no expert_weights created.
+    assert not hasattr(model, "expert_weights")
+    for layer in getattr(model, "moe_layers", ()):
+        assert layer.expert_load_view is None
     if weights is not None:
-        assert _same(weights, model.expert_weights)
+        assert _same(weights, _weights(model))
     state.shutdown()
 
 
@@ -151,12 +141,12 @@ def test_negative_router_load_aborts_the_rebalance_naming_it(
         for step in range(12):
             model.forward(ids)
             if step == 0:
-                model.expert_load_view[1, 3] = -5  # a corrupted router count
+                model.moe_layers[1].expert_load_view[3] = -5  # a corrupted count
             state.step(log_stats=True)
     assert state.counters.aborts >= 1
     assert "weight[1, 3] = -5.0" in state.counters.last_abort_cause
     assert "weight[1, 3] = -5.0" in caplog.text
-    assert _same(weights, model.expert_weights)
+    assert _same(weights, _weights(model))
     assert all(torch.equal(maps[k], v) for k, v in vars(ms.maps).items())
     state.shutdown()
 

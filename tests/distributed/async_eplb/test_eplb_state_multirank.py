@@ -75,3 +75,23 @@ def test_failures_abort_everywhere_at_once_then_later_intervals_succeed(
     assert "injected staging failure" in results[2]["abort_cause"]
     assert results[0]["abort_cause"] == "1 other rank(s) failed"
     assert len({json.dumps(r["commit_log"]) for r in results}) == 1
+
+
+TWO_MODELS = Path(__file__).parent / "multirank" / "eplb_state_two_models.py"
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_target_and_moe_drafter_share_one_eplb_state_bit_exact(
+    ranks: int, tmp_path: Path
+) -> None:
+    """vLLM registers an MoE drafter with the target's ``EplbState``: both
+    rebalance several times, every output of both bit-exact at every step."""
+    run_torchrun(TWO_MODELS, ranks, ["--out-dir", str(tmp_path)], timeout=240)
+    results = [
+        json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)
+    ]
+    for r in results:
+        assert r["mismatches"] == {"target": 0, "drafter": 0}, r
+        assert r["workspace_ok"] == {"target": True, "drafter": True}, r
+        assert r["ranks_agree"] and r["aborts"] == 0, r
+        assert min(r["rebalanced"].values()) >= 3, r

@@ -133,3 +133,22 @@ def test_prepare_rejects_bad_rows_without_touching_maps():
     with pytest.raises(ValueError, match="shape"):
         maps.prepare_layer(torch.tensor([0, 1, 2, 3]))
     assert torch.equal(maps.log2phy, before)
+
+
+def test_compute_logical_maps_skips_unused_slots_like_vllm() -> None:
+    """vLLM pads capacity with -1 slots; its ``compute_logical_maps`` skips
+    them and sizes K by the most replicas any expert has."""
+    from vllm.distributed.async_eplb.maps import UNUSED_SLOT, compute_logical_maps
+
+    u = UNUSED_SLOT
+    phy2log = torch.tensor([[2, u, 0, 2, u, 1], [u, 1, 1, 0, 2, u]])
+    log2phy, logcnt = compute_logical_maps(phy2log, 3)
+    assert logcnt.tolist() == [[1, 1, 2], [1, 2, 1]]
+    assert log2phy.tolist() == [
+        [[2, -1], [5, -1], [0, 3]],
+        [[3, -1], [1, 2], [4, -1]],
+    ]
+    with pytest.raises(ValueError, match=r"phy2log\[0, 1\] = -2"):
+        compute_logical_maps(torch.tensor([[0, -2, 1]]), 2)
+    with pytest.raises(ValueError, match="-1 is not a logical expert id"):
+        derive_logical_maps(phy2log, 3, 2)  # ExpertMaps never hold unused slots

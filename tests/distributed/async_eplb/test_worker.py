@@ -28,7 +28,11 @@ from vllm.distributed.async_eplb.transports import (
     resolve_transport,
     staging_backend,
 )
-from vllm.distributed.async_eplb.worker import StagingError, StagingWorker
+from vllm.distributed.async_eplb.worker import (
+    StagingError,
+    StagingThread,
+    StagingWorker,
+)
 
 CPU = DeviceBackend.for_device("cpu")
 NUM_LAYERS, NUM_RANKS, SLOTS, NUM_EXPERTS = 4, 3, 4, 9
@@ -181,6 +185,66 @@ def test_whole_job_is_bit_exact(ring_size: int, prepare_maps: bool) -> None:
         assert stats.job_id == 1 and sorted(stats.layer_seconds) == list(range(4))
     finally:
         world.stop()
+
+
+class RecordingTransport(Transport):
+    """Records each staged layer and how many stagings overlap (no bytes)."""
+
+    name = "test-recording"
+    lock = threading.Lock()
+
+    def __init__(self, model: str, log: list, overlap: list[int]) -> None:
+        self.model, self.log, self.overlap = model, log, overlap
+        self.tag_space = -1
+
+    def prepare_job(self, job_id: int | None = None) -> None:
+        self.tag_space = job_id
+
+    def stage_layer(self, plan, rank, weights, buffers, *, packed=None) -> int:
+        with self.lock:
+            self.overlap[0] += 1
+            self.overlap[1] = max(self.overlap[1], self.overlap[0])
+            self.log.append((self.model, self.tag_space))
+        time.sleep(0.02)  # room for another thread to overlap, were there one
+        with self.lock:
+            self.overlap[0] -= 1
+        return 0
+
+
+def test_models_sharing_a_thread_stage_one_at_a_time_in_submission_order() -> None:
+    """A target and a drafter on one ``EplbState`` share one staging thread:
+    their transfers never overlap (they would mix messages on the staging
+    group), run in the order submitted, and each job has its own tag space."""
+    rng = random.Random(3)
+    old, new = [placement(rng) for _ in range(2)], [placement(rng) for _ in range(2)]
+    plans = plan_layers(torch.tensor(old), torch.tensor(new), NUM_RANKS, 2)
+    thread = StagingThread(CPU, rank=0)
+    log: list[tuple[str, int]] = []
+    overlap = [0, 0]  # staging now, most at once
+    workers = {}
+    for model in ("target", "drafter"):
+        weights = rank_weights(old, 0)
+        workers[model] = StagingWorker(
+            weights,
+            StagingBuffer(weights[0], CPU, ring_size=2),
+            RecordingTransport(model, log, overlap),
+            CPU,
+            rank=0,
+            thread=thread,
+        )
+        workers[model].start()
+    try:
+        for model in ("target", "drafter"):
+            workers[model].submit(1, {0: plans[0], 1: plans[1]})
+        deadline = time.monotonic() + 10
+        while any(len(w.staged_layers()) < 2 for w in workers.values()):
+            assert time.monotonic() < deadline, log
+            time.sleep(0.005)
+        assert overlap[1] == 1
+        assert log == [("target", 0), ("target", 0), ("drafter", 1), ("drafter", 1)]
+    finally:
+        workers["target"].stop()
+    assert not workers["drafter"].is_alive()  # one thread: stopping it stops both
 
 
 def test_cancel_keeps_committed_and_leaves_the_rest_untouched() -> None:

@@ -52,7 +52,9 @@ from vllm.distributed.async_eplb.maps import ExpertMaps, max_replicas_for
 from vllm.distributed.async_eplb.model_state import (
     EplbCounters,
     EplbModelState,
+    assert_confs_equal,
     check_model,
+    check_registered_weights,
     initial_row,
     keep_recent,
 )
@@ -98,8 +100,24 @@ def _join_helper_threads(deadline: float) -> list[str]:
     return [t.name for t in ours if t.is_alive()]
 
 
-def _config_hash(model_config: Any) -> str:
-    return model_config.compute_hash()
+class _ConfigHashes:
+    """``model_config.compute_hash()``, computed once per config object.
+
+    vLLM calls ``prepare_forward`` on every forward and calls the plain hash
+    expensive (JSON and SHA-256). Entries hold their config, so an ``id`` is
+    never reused by another object while it is cached here.
+    """
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[Any, str]] = {}
+
+    def __call__(self, model_config: Any) -> str:
+        entry = self._by_id.get(id(model_config))
+        if entry is not None and entry[0] is model_config:
+            return entry[1]
+        value = model_config.compute_hash()
+        self._by_id[id(model_config)] = (model_config, value)
+        return value
 
 
 class EplbState:
@@ -134,10 +152,12 @@ class EplbState:
         self.step_count = 0
         """The shared clock: incremented by every ``step()`` on every rank."""
         self.should_record_tensor: torch.Tensor | None = None
+        self._config_hash = _ConfigHashes()
         self._ep_group = ep_group
         self._vote: NonBlockingVote | None = None
         self._staging_group: dist.ProcessGroup | None = None
         self._backend: Any = None
+        self._staging_thread: Any = None  # shared by every model's worker
         self._epoch = 0
         # idle | aggregating | active | recovering | disabled | shut down
         self._phase = "idle"
@@ -197,11 +217,18 @@ class EplbState:
     def add_model(
         self, model: Any, model_config: Any, model_name: str | None = None
     ) -> None:
-        """Register a MoE model: allocate maps, load window, staging buffer."""
+        """Register a MoE model: allocate maps, load window, staging buffer.
+
+        Called once per MoE model, the speculative drafter included. As
+        vLLM's ``MixtureOfExperts`` protocol has it, ``model.expert_weights``
+        exists only once ``model.set_eplb_state`` has run: everything is
+        checked on the layers' own weights first, so a refused model is left
+        as it was found.
+        """
         from vllm.distributed.async_eplb.device import DeviceBackend
         from vllm.distributed.async_eplb.staging import StagingBuffer
 
-        initial = self._check_model(model)
+        initial, layer_weights = self._check_model(model)
         self._ensure_groups()
         maps = ExpertMaps(
             initial,
@@ -224,6 +251,7 @@ class EplbState:
             for _ in range(num_ubatches)
         ]
         model.set_eplb_state(load_pass, maps.log2phy, maps.logcnt)
+        check_registered_weights(model, layer_weights)
         self._propagate_shared_tensors(model, unpadded)
         state = EplbModelState(
             model,
@@ -240,7 +268,7 @@ class EplbState:
         state.transport = self._new_transport(state)
         if self.is_async:
             state.worker = self._new_worker(state)
-        self.model_states[_config_hash(model_config)] = state
+        self.model_states[self._config_hash(model_config)] = state
 
     def _new_transport(self, state: EplbModelState) -> Any:
         return make_transport(
@@ -253,17 +281,36 @@ class EplbState:
         )
 
     def _new_worker(self, state: EplbModelState) -> Any:
-        from vllm.distributed.async_eplb.worker import StagingWorker
+        """A staging worker for ``state`` on the current staging thread.
 
+        Every model shares one thread, so their transfers run in one order,
+        the same on every rank (see ``worker.py``).
+        """
+        from vllm.distributed.async_eplb.worker import StagingThread, StagingWorker
+
+        if self._staging_thread is None:
+            self._staging_thread = StagingThread(self._backend, rank=self.ep.rank)
         return StagingWorker(
             state.model.expert_weights,
             state.buffer,
             state.transport,
             self._backend,
             rank=self.ep.rank,
+            thread=self._staging_thread,
         )
 
-    def _check_model(self, model: Any) -> torch.Tensor:
+    def validate_ep_configuration(self, new_model: Any) -> None:
+        """vLLM's check that ``new_model`` has the registered models' experts.
+
+        Raises ``ExpertGeometryMismatch`` (a ``RuntimeError``, as vLLM's).
+        """
+        registered = next(iter(self.model_states.values()), None)
+        if registered is not None:
+            assert_confs_equal(registered.model, new_model)
+
+    assert_confs_equal = staticmethod(assert_confs_equal)
+
+    def _check_model(self, model: Any) -> tuple[torch.Tensor, list]:
         registered = next(iter(self.model_states.values()), None)
         return check_model(
             model,
@@ -311,7 +358,7 @@ class EplbState:
         ubatch_slices: list | None = None,
     ) -> None:
         """Fill the per-(u)batch count of real tokens the router reads."""
-        state = self.model_states.get(_config_hash(model_config))
+        state = self.model_states.get(self._config_hash(model_config))
         if state is None:
             return
         tensors = state.num_unpadded_tokens_tensors
@@ -329,6 +376,9 @@ class EplbState:
         if self._phase == "shut down":
             return
         if is_profile:
+            # The profile run's load is not traffic (vLLM 0.33 drops it too).
+            for state in self.model_states.values():
+                state.expert_load_pass.zero_()
             self.rearrange(is_profile=True)
             return
         states = list(self.model_states.values())
@@ -775,6 +825,7 @@ class EplbState:
             return
         self._retired_groups.append(self._staging_group)
         self._staging_group = self._spare_groups.pop(0)
+        self._staging_thread = None  # the old one has stopped: a fresh one
         for state in self.model_states.values():
             state.transport = self._new_transport(state)
             state.worker = self._new_worker(state)

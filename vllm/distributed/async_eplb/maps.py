@@ -16,13 +16,19 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "UNUSED_SLOT",
     "ExpertMaps",
     "LayerMaps",
     "commit_layer_maps",
+    "compute_logical_maps",
     "derive_logical_maps",
     "max_replicas_for",
     "validate_placement",
 ]
+
+
+UNUSED_SLOT = -1
+"""A physical slot that holds no expert (vLLM pads elastic-EP capacity so)."""
 
 
 def max_replicas_for(num_redundant_experts: int) -> int:
@@ -39,12 +45,14 @@ def validate_placement(
     num_logical_experts: int,
     num_ranks: int | None = None,
     max_replicas: int | None = None,
+    allow_unused: bool = False,
 ) -> None:
     """Raise ``ValueError`` naming the first bad value of a placement.
 
-    Checks: 1-D or 2-D integer tensor; ids in ``[0, E)``; every logical expert
-    has a replica in every layer; ``P`` divisible by ``num_ranks``; no expert
-    holds more than ``max_replicas`` slots.
+    Checks: 1-D or 2-D integer tensor; ids in ``[0, E)`` (or ``UNUSED_SLOT``
+    with ``allow_unused``); every logical expert has a replica in every
+    layer; ``P`` divisible by ``num_ranks``; no expert holds more than
+    ``max_replicas`` slots.
     """
     if not isinstance(phy2log, torch.Tensor):
         raise ValueError(f"phy2log must be a torch.Tensor, got {type(phy2log)!r}")
@@ -71,6 +79,8 @@ def validate_placement(
                 f"{num_physical} physical slots are not divisible by {num_ranks} ranks"
             )
     bad = (rows < 0) | (rows >= num_logical_experts)
+    if allow_unused:
+        bad &= rows != UNUSED_SLOT
     if bad.any():
         layer, slot = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
@@ -94,44 +104,73 @@ def validate_placement(
 
 
 def _replica_counts(rows: torch.Tensor, num_logical_experts: int) -> torch.Tensor:
+    """Replicas per expert; ``UNUSED_SLOT`` entries are not counted."""
+    used = rows != UNUSED_SLOT
     counts = torch.zeros(
         rows.shape[0], num_logical_experts, dtype=torch.int64, device=rows.device
     )
-    counts.scatter_add_(1, rows, torch.ones_like(rows))
+    counts.scatter_add_(1, rows.clamp_min(0), used.to(torch.int64))
     return counts
 
 
 def derive_logical_maps(
-    phy2log: torch.Tensor, num_logical_experts: int, max_replicas: int
+    phy2log: torch.Tensor,
+    num_logical_experts: int,
+    max_replicas: int,
+    allow_unused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(log2phy [.., E, K], logcnt [.., E])`` for a valid ``phy2log``.
 
     Replicas are listed in ascending physical order, as vLLM lists them.
     Accepts ``[L, P]`` or one layer ``[P]``; the outputs follow its leading dim.
+    With ``allow_unused``, ``UNUSED_SLOT`` slots are skipped.
     """
-    validate_placement(phy2log, num_logical_experts, max_replicas=max_replicas)
+    validate_placement(
+        phy2log,
+        num_logical_experts,
+        max_replicas=max_replicas,
+        allow_unused=allow_unused,
+    )
     squeeze = phy2log.dim() == 1
     rows = phy2log.reshape(-1, phy2log.shape[-1]).to(torch.int64)
-    num_layers, num_physical = rows.shape
     logcnt = _replica_counts(rows, num_logical_experts)
+    # Unused slots become a last, extra expert, dropped at the end.
+    rows = torch.where(rows == UNUSED_SLOT, num_logical_experts, rows)
+    num_layers, num_physical = rows.shape
+    with_unused = torch.cat([logcnt, (rows == num_logical_experts).sum(1, True)], 1)
     # Rank of each slot among the slots of the same expert, in physical order:
     # a stable sort by expert groups slots of one expert, still ascending.
     order = torch.sort(rows, dim=1, stable=True).indices
     sorted_experts = torch.gather(rows, 1, order)
-    first_of_expert = torch.cumsum(logcnt, dim=1) - logcnt
+    first_of_expert = torch.cumsum(with_unused, dim=1) - with_unused
     position = torch.arange(num_physical, device=rows.device).expand(num_layers, -1)
     replica_rank = position - torch.gather(first_of_expert, 1, sorted_experts)
+    # Room for every unused slot in the extra row (no device sync to count).
+    width = max(max_replicas, num_physical) if allow_unused else max_replicas
     log2phy = torch.full(
-        (num_layers, num_logical_experts, max_replicas),
+        (num_layers, num_logical_experts + 1, width),
         -1,
         dtype=torch.int64,
         device=rows.device,
     )
-    flat = (sorted_experts * max_replicas + replica_rank).reshape(num_layers, -1)
+    flat = (sorted_experts * width + replica_rank).reshape(num_layers, -1)
     log2phy.view(num_layers, -1).scatter_(1, flat, order)
+    log2phy = log2phy[:, :num_logical_experts, :max_replicas].contiguous()
     if squeeze:
         return log2phy[0], logcnt[0]
     return log2phy, logcnt
+
+
+def compute_logical_maps(
+    phy2log: torch.Tensor, num_logical_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's ``compute_logical_maps``: K is the most replicas any expert has,
+    and ``UNUSED_SLOT`` slots are allowed (and skipped)."""
+    rows = phy2log.reshape(-1, phy2log.shape[-1]).to(torch.int64)
+    most = int(_replica_counts(rows, num_logical_experts).max()) if rows.numel() else 1
+    return derive_logical_maps(
+        phy2log, num_logical_experts, max(1, most), allow_unused=True
+    )
 
 
 def commit_layer_maps(

@@ -21,7 +21,10 @@ from vllm.distributed.async_eplb.staging import RowLayout
 __all__ = [
     "EplbCounters",
     "EplbModelState",
+    "ExpertGeometryMismatch",
+    "assert_confs_equal",
     "check_model",
+    "check_registered_weights",
     "initial_row",
     "keep_recent",
 ]
@@ -135,15 +138,41 @@ _GEOMETRY = (
 )
 
 
+class ExpertGeometryMismatch(RuntimeError, ValueError):
+    """Two models of one ``EplbState`` differ in expert geometry.
+
+    A ``RuntimeError`` as vLLM's ``assert_confs_equal`` raises, and a
+    ``ValueError`` like every other refusal of ``add_model``.
+    """
+
+
+def assert_confs_equal(model: Any, new_model: Any) -> None:
+    """vLLM's check: every model of one ``EplbState`` has the same experts."""
+    differ = [
+        f"{name} {getattr(new_model, name)} (registered: {getattr(model, name)})"
+        for name in _GEOMETRY
+        if getattr(model, name) != getattr(new_model, name)
+    ]
+    if differ:
+        raise ExpertGeometryMismatch(
+            f"{type(new_model).__name__} does not match the registered "
+            f"{type(model).__name__}: " + ", ".join(differ)
+        )
+
+
 def check_model(
     model: Any,
     *,
     registered: Any | None,
     configured_redundant: int | None,
     num_ranks: int,
-) -> torch.Tensor:
-    """Refuse a model EPLB cannot serve; return its initial ``phy2log``.
+) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """Refuse a model EPLB cannot serve, touching nothing.
 
+    Returns its initial ``phy2log`` and the expert weights that vLLM's
+    ``MixtureOfExperts.set_eplb_state`` will collect: each MoE layer's
+    ``get_expert_weights()``. vLLM's models have no ``expert_weights``
+    before ``set_eplb_state``, so those are what can be checked first.
     ``registered`` is a model already registered (a drafter must match it).
     Every rank sees the same geometry, so all ranks refuse together, before
     the collective group creation.
@@ -155,12 +184,7 @@ def check_model(
             f"(num_moe_layers={num_layers!r})"
         )
     if registered is not None:
-        for name in _GEOMETRY:
-            if getattr(registered, name) != getattr(model, name):
-                raise ValueError(
-                    f"{name} of the new model is {getattr(model, name)}, "
-                    f"the registered model has {getattr(registered, name)}"
-                )
+        assert_confs_equal(registered, model)
     if configured_redundant is not None and (
         configured_redundant != model.num_redundant_experts
     ):
@@ -174,14 +198,40 @@ def check_model(
             f"by {num_ranks} EP ranks"
         )
     initial = _initial_phy2log(model)
-    weights = getattr(model, "expert_weights", None)
-    if weights is None or len(weights) != num_layers:
-        found = "none" if weights is None else len(weights)
-        raise ValueError(
-            f"model has {num_layers} MoE layers but expert weights for {found}"
-        )
+    layers = getattr(model, "moe_layers", None)
+    if layers is None or len(layers) != num_layers:
+        found = "no moe_layers" if layers is None else f"{len(layers)} in moe_layers"
+        raise ValueError(f"model has {num_layers} MoE layers but {found}")
+    weights = [list(layer.get_expert_weights()) for layer in layers]
     _check_weight_layout(weights, model.num_physical_experts, num_ranks)
-    return initial
+    return initial, weights
+
+
+def check_registered_weights(
+    model: Any, expected: Sequence[Sequence[torch.Tensor]]
+) -> None:
+    """After ``set_eplb_state``: ``model.expert_weights`` are the layers' own.
+
+    EPLB moves experts by writing into these tensors, so they must be the
+    storage the layers compute with, not copies.
+    """
+    found = getattr(model, "expert_weights", None)
+    if found is None or len(found) != len(expected):
+        count = "none" if found is None else len(found)
+        raise ValueError(
+            f"{type(model).__name__}.set_eplb_state() left expert weights for "
+            f"{count} of {len(expected)} MoE layers"
+        )
+    for layer, (got, want) in enumerate(zip(found, expected, strict=True)):
+        same = len(got) == len(want) and all(
+            g.data_ptr() == w.data_ptr() and g.shape == w.shape
+            for g, w in zip(got, want, strict=True)
+        )
+        if not same:
+            raise ValueError(
+                f"{type(model).__name__}.expert_weights[{layer}] are not the "
+                "tensors its MoE layer's get_expert_weights() returns"
+            )
 
 
 def _check_weight_layout(

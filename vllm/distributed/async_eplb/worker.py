@@ -1,8 +1,13 @@
-"""Background staging worker: one daemon thread per process, its own stream.
+"""Background staging: one daemon thread per ``EplbState``, its own stream.
 
-The worker stages a rebalance job layer after layer into the staging buffer
-while the engine keeps serving; the main thread commits staged layers between
-steps (:meth:`StagingWorker.commit_layer`).
+A :class:`StagingWorker` per model holds that model's job, staging buffer and
+transport; the models' workers share one :class:`StagingThread`, which stages
+their jobs layer after layer, in the order the main thread submitted them,
+while the engine keeps serving. One thread means one order of transfers on
+every rank: two models' messages never interleave on the staging group (NCCL
+would need the same order on every rank; gloo would match one model's message
+to the other's receive), and each job gets its own tag space. The main thread
+commits staged layers between steps (:meth:`StagingWorker.commit_layer`).
 
 Which layers the worker may stage is decided by the main thread only, so it is
 the same on every rank: a job's first ``ring_size`` layers at ``submit``, one
@@ -40,7 +45,13 @@ from vllm.distributed.async_eplb.staging import (
 )
 from vllm.distributed.async_eplb.transports import TransferError, Transport
 
-__all__ = ["StagingError", "StagingStats", "StagingWorker", "install_fault_hook"]
+__all__ = [
+    "StagingError",
+    "StagingStats",
+    "StagingThread",
+    "StagingWorker",
+    "install_fault_hook",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +99,7 @@ class StagingStats:
 
 @dataclass
 class _Job:
+    worker: StagingWorker
     job_id: int
     layers: list[int]
     plans: dict[int, LayerPlan]
@@ -108,7 +120,106 @@ class _Job:
         return min(self.allowed, len(self.layers))
 
 
+class StagingThread:
+    """The thread that stages every model's jobs, one layer at a time.
+
+    Jobs are staged in submission order, each to its last allowed layer
+    before the next begins, so every rank runs the same transfers in the same
+    order. All state, the models' workers' included, is guarded by ``cond``.
+    """
+
+    def __init__(self, backend: DeviceBackend, *, rank: int) -> None:
+        self.backend = backend
+        self.rank = rank
+        self.cond = threading.Condition()
+        self.stop_event = threading.Event()
+        self.queue: deque[_Job] = deque()  # jobs still to stage, in order
+        self.in_layer = False  # staging a layer right now
+        self._death: BaseException | None = None
+        self._jobs_started = 0  # tag space of the next job (same on every rank)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread; later calls (one per model) do nothing."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"async-eplb-staging-{self.rank}", daemon=True
+            )
+            self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float) -> None:
+        """End the thread promptly (a wait on peers is abandoned) and join it."""
+        self.stop_event.set()
+        with self.cond:
+            self.cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive() and timeout > 0:
+                logger.warning("staging thread did not stop within %.1fs", timeout)
+
+    @property
+    def death(self) -> BaseException | None:
+        """What ended the thread unexpectedly (not a stop request), else None."""
+        with self.cond:
+            return self._death
+
+    def _run(self) -> None:
+        try:
+            self.backend.set_device()
+            stream = self.backend.new_stream()
+            with self.backend.stream(stream):
+                while True:
+                    task = self._next_task()
+                    if task is None:
+                        return
+                    try:
+                        task[0].worker._stage(*task)
+                    finally:
+                        with self.cond:
+                            self.in_layer = False
+        except BaseException as exc:  # never lost: handed to the main thread
+            logger.exception("staging worker thread died")
+            with self.cond:
+                self._death = exc
+
+    def _next_task(self) -> tuple[_Job, int, int, object, int | None] | None:
+        """Wait for a layer that may be staged; ``None`` means stop.
+
+        Returns the job, the layer, its ring slot, the event after which that
+        slot may be overwritten, and, for a job's first layer, the tag space
+        the job's transfers use.
+        """
+        with self.cond:
+            while not self.stop_event.is_set():
+                if self.queue:
+                    job = self.queue[0]
+                    if job.next_index < job.stage_limit:
+                        ring_slot, free_event = job.worker._free_slots.popleft()
+                        layer = job.layers[job.next_index]
+                        job.next_index += 1
+                        self.in_layer = True
+                        tag_space = None
+                        if job.next_index == 1:
+                            tag_space = self._jobs_started
+                            self._jobs_started += 1
+                        return job, layer, ring_slot, free_event, tag_space
+                    if job.cancelled or job.next_index == len(job.layers):
+                        self.queue.popleft()
+                        continue
+                self.cond.wait()
+            return None
+
+
 class StagingWorker:
+    """One model's staging: its job, staging buffer and transport.
+
+    Staged by a :class:`StagingThread`, shared by every model of an
+    ``EplbState`` (pass ``thread``); a worker made without one gets its own.
+    """
+
     def __init__(
         self,
         expert_weights: Sequence[Sequence[torch.Tensor]],
@@ -117,6 +228,7 @@ class StagingWorker:
         backend: DeviceBackend,
         *,
         rank: int,
+        thread: StagingThread | None = None,
     ) -> None:
         if not expert_weights:
             raise ValueError("expert_weights has no layers")
@@ -128,72 +240,66 @@ class StagingWorker:
                 )
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
+        if thread is not None and thread.rank != rank:
+            raise ValueError(f"rank {rank} differs from its thread's {thread.rank}")
         self.expert_weights = [list(w) for w in expert_weights]
         self.buffer = buffer
         self.transport = transport
         self.backend = backend
         self.rank = rank
         self.stats = StagingStats()
-        self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._queue: deque[_Job] = deque()  # jobs the thread still has to stage
+        self._thread = thread or StagingThread(backend, rank=rank)
+        self._cond = self._thread.cond
+        self._started = False
         self._active: _Job | None = None  # the job commits refer to
         # free ring slots with the event after which they may be overwritten
         self._free_slots: deque[tuple[int, object]] = deque(
             (i, None) for i in range(buffer.ring_size)
         )
         self._error: BaseException | None = None
-        self._death: BaseException | None = None
-        self._in_layer = False  # the thread is staging a layer right now
-        self._thread: threading.Thread | None = None
-        transport.set_abort_check(self._stop.is_set)
+        transport.set_abort_check(self._thread.stop_event.is_set)
 
     # ---- lifecycle -------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is not None:
+        """Start staging for this model (the shared thread starts once)."""
+        if self._started:
             raise RuntimeError("the staging worker was already started")
-        self._thread = threading.Thread(
-            target=self._run, name=f"async-eplb-staging-{self.rank}", daemon=True
-        )
+        self._started = True
         self._thread.start()
 
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread.is_alive()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """End the thread promptly (a wait on peers is abandoned) and join it."""
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive() and timeout > 0:
-                logger.warning("staging worker did not stop within %.1fs", timeout)
+        """Stop the staging thread (every model's) and join it."""
+        self._thread.stop(timeout)
 
     @property
     def error(self) -> BaseException | None:
-        """The last exception of the worker thread (cleared by ``submit``)."""
-        return self._error
+        """The last staging failure of this model's job, or the thread's death
+        (cleared by ``submit``)."""
+        with self._cond:
+            return self._error if self._error is not None else self._thread._death
 
     @property
     def death(self) -> BaseException | None:
-        """What ended the thread unexpectedly (not a stop request), else None."""
-        return self._death
+        """What ended the staging thread unexpectedly, else None."""
+        return self._thread.death
 
     @property
     def stop_requested(self) -> bool:
-        return self._stop.is_set()
+        return self._thread.stop_event.is_set()
 
     @property
     def idle(self) -> bool:
-        """The thread is not inside a layer (of this or a dropped job).
+        """The thread is not inside a layer (of any model's job, dropped or not).
 
         A dropped job's layer may still be waiting on peers; a new job must
         not start its transfers before, or their messages could meet.
         """
         with self._cond:
-            return not self._in_layer
+            return not self._thread.in_layer
 
     @property
     def busy(self) -> bool:
@@ -244,7 +350,7 @@ class StagingWorker:
                     f"job {self._active.job_id} is still in flight; cancel it or "
                     "commit all its layers before submitting another"
                 )
-            if self._stop.is_set() or not self.is_alive():
+            if self._thread.stop_event.is_set() or not self.is_alive():
                 raise RuntimeError("the staging worker is not running")
             # Weights written on the caller's stream so far (loading, earlier
             # commits) must be final before the worker reads them.
@@ -252,6 +358,7 @@ class StagingWorker:
             self.backend.record_event(ready)
             layers = sorted(plans)
             job = _Job(
+                self,
                 job_id,
                 layers,
                 dict(plans),
@@ -264,7 +371,7 @@ class StagingWorker:
             self.stats = StagingStats(job_id=job_id)
             if layers:
                 self._active = job
-                self._queue.append(job)
+                self._thread.queue.append(job)
             self._cond.notify_all()
 
     def staged_layers(self) -> list[int]:
@@ -339,52 +446,23 @@ class StagingWorker:
         if self._active is job:
             self._active = None
 
-    # ---- worker thread ---------------------------------------------------
+    # ---- on the staging thread ----------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            self.backend.set_device()
-            stream = self.backend.new_stream()
-            with self.backend.stream(stream):
-                while True:
-                    task = self._next_task()
-                    if task is None:
-                        return
-                    try:
-                        self._stage(*task)
-                    finally:
-                        with self._cond:
-                            self._in_layer = False
-        except BaseException as exc:  # never lost: handed to the main thread
-            logger.exception("staging worker thread died")
-            self._error = exc
-            self._death = exc
-
-    def _next_task(self) -> tuple[_Job, int, int, object] | None:
-        """Wait for a layer the worker may stage; ``None`` means stop."""
-        with self._cond:
-            while not self._stop.is_set():
-                if self._queue:
-                    job = self._queue[0]
-                    if job.next_index < job.stage_limit:
-                        ring_slot, free_event = self._free_slots.popleft()
-                        layer = job.layers[job.next_index]
-                        job.next_index += 1
-                        self._in_layer = True
-                        return job, layer, ring_slot, free_event
-                    if job.cancelled or job.next_index == len(job.layers):
-                        self._queue.popleft()
-                        continue
-                self._cond.wait()
-            return None
-
-    def _stage(self, job: _Job, layer: int, ring_slot: int, free_event: object) -> None:
+    def _stage(
+        self,
+        job: _Job,
+        layer: int,
+        ring_slot: int,
+        free_event: object,
+        tag_space: int | None,
+    ) -> None:
+        """Stage one layer of this model's ``job`` (called by the thread)."""
         start = time.perf_counter()
         backend = self.backend
         try:
-            if job.next_index == 1:
+            if tag_space is not None:  # the job's first layer
                 backend.synchronize_event(job.ready_event)
-                self.transport.prepare_job(job.job_id)
+                self.transport.prepare_job(tag_space)
             backend.wait_event(free_event)
             hook = _fault_hook
             if hook is not None:
@@ -412,8 +490,9 @@ class StagingWorker:
                 self._error = error
                 self._free_slots.append((ring_slot, None))
                 self._drop(job)
-                if self._queue and self._queue[0] is job:
-                    self._queue.popleft()  # its peers may be gone: no draining
+                queue = self._thread.queue
+                if queue and queue[0] is job:
+                    queue.popleft()  # its peers may be gone: no draining
                 self._cond.notify_all()
             return
         with self._cond:

@@ -39,8 +39,9 @@ def global_balancedness(model: ToyMoE, ids: torch.Tensor) -> float:
     means, maxes = 0.0, 0.0
     token = torch.arange(ids.shape[1]).unsqueeze(1)
     for layer in range(LAYERS):
-        counts = model.logical_replica_count[layer][ids[layer]]
-        phys = model.logical_to_physical_map[layer][ids[layer], token % counts]
+        moe_layer = model.moe_layers[layer]
+        counts = moe_layer.logical_replica_count[ids[layer]]
+        phys = moe_layer.logical_to_physical_map[ids[layer], token % counts]
         per_rank = torch.bincount(phys.reshape(-1) // slots, minlength=model.num_ranks)
         means += per_rank.float().mean().item()
         maxes += per_rank.max().item()

@@ -404,10 +404,12 @@ def _loop(
 ) -> SimulationResult | None:
     model, eplb, model_config = _build(config, rank, device)
     load = config.make_load()
-    # The router's views of EPLB's maps, committed in place, and vLLM's name
-    # for the placement itself.
-    log2phy, logcnt = model.logical_to_physical_map, model.logical_replica_count
-    phy2log = next(iter(eplb.model_states.values())).physical_to_logical_map
+    # EPLB's maps, committed in place (the layers route through views of
+    # them), under vLLM's attribute names.
+    model_state = next(iter(eplb.model_states.values()))
+    log2phy = model_state.logical_to_physical_map
+    logcnt = model_state.logical_replica_count
+    phy2log = model_state.physical_to_logical_map
     unmoved = (log2phy.to("cpu").clone(), logcnt.to("cpu").clone())
     previous = phy2log.to("cpu").clone()
     progress = _Progress(config.steps) if show_progress else None

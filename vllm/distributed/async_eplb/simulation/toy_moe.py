@@ -1,8 +1,13 @@
 """A small expert-parallel MoE model with real weights, for tests and benchmarks.
 
-``ToyMoE`` implements vLLM's ``MixtureOfExperts`` protocol (the attributes and
-``set_eplb_state``) without importing vLLM, so ``EplbState`` can drive it
-exactly as it drives a served model, on CPU ranks under ``torchrun``.
+``ToyMoE`` follows vLLM's ``MixtureOfExperts`` protocol to the letter without
+importing vLLM, so ``EplbState`` drives it exactly as it drives a served model,
+on CPU ranks under ``torchrun``: like vLLM's models, it has no
+``expert_weights`` until ``set_eplb_state`` builds them from each layer's
+``get_expert_weights()``, and the maps and load view reach the layers only
+(``moe_layers[i].logical_to_physical_map``, ...), not the model. A test with
+vLLM installed checks that vLLM's own ``MixtureOfExperts.set_eplb_state``
+leaves a ``ToyMoE`` in the same state as ours.
 
 Why its arithmetic is exact: hidden states, weights, biases and scales are small
 integers and gates are multiples of 1/8, so every product and sum is exactly
@@ -22,7 +27,7 @@ How to drive it (one process per EP rank, ``torch.distributed`` initialised)::
     assert torch.equal(out, model.reference_forward(ids))
     eplb_state.step()
 
-Every rank passes the same global batch. Each rank records in
+Every rank passes the same global batch. Each rank records in its layers'
 ``expert_load_view`` (per physical slot, like vLLM's router) only its share of
 the tokens (token ``t`` belongs to rank ``t % num_ranks``), so the sum of the
 ranks' records is the true global load. Each (token, k) is computed on the rank
@@ -76,6 +81,9 @@ class ToyMoE:
     ``(x @ w + bias) * scale`` in fp32. Initial placement is vLLM's: slot ``p``
     holds logical expert ``p`` for ``p < E``, then ``p % E`` for the redundant slots.
     """
+
+    expert_weights: list[list[torch.Tensor]]
+    """Created by :meth:`set_eplb_state`, as in vLLM's models."""
 
     def __init__(
         self,
@@ -146,12 +154,6 @@ class ToyMoE:
                 for i in range(3)
             ]
             self.moe_layers.append(ToyMoELayer(stacked))
-        self.expert_weights: list[list[torch.Tensor]] = [
-            list(layer.get_expert_weights()) for layer in self.moe_layers
-        ]
-        self.expert_load_view: torch.Tensor | None = None
-        self.logical_to_physical_map: torch.Tensor | None = None
-        self.logical_replica_count: torch.Tensor | None = None
 
     # -- MixtureOfExperts protocol ----------------------------------------
     def set_eplb_state(
@@ -160,15 +162,19 @@ class ToyMoE:
         logical_to_physical_map: torch.Tensor,
         logical_replica_count: torch.Tensor,
     ) -> None:
-        """Keep views of EPLB's tensors: commits in place are seen at once."""
-        self.expert_load_view = expert_load_view
-        self.logical_to_physical_map = logical_to_physical_map
-        self.logical_replica_count = logical_replica_count
+        """vLLM's ``MixtureOfExperts.set_eplb_state``, step for step.
+
+        ``expert_weights`` is created here, as in vLLM, and the layers keep
+        views of EPLB's tensors, so commits in place are seen at once.
+        """
         self.expert_weights = []
-        for index, layer in enumerate(self.moe_layers):
+        for layer_idx, layer in enumerate(self.moe_layers):
             self.expert_weights.append(list(layer.get_expert_weights()))
             layer.set_eplb_state(
-                index, expert_load_view, logical_to_physical_map, logical_replica_count
+                moe_layer_idx=layer_idx,
+                expert_load_view=expert_load_view,
+                logical_to_physical_map=logical_to_physical_map,
+                logical_replica_count=logical_replica_count,
             )
 
     def update_physical_experts_metadata(
@@ -273,7 +279,7 @@ class ToyMoE:
         ``topk_ids [L, T, K]`` logical ids (same on every rank); returns
         ``[L, T, H]`` fp32, identical on every rank after the all-reduce.
         """
-        if self.logical_to_physical_map is None or self.logical_replica_count is None:
+        if not hasattr(self, "expert_weights"):
             raise RuntimeError("set_eplb_state() must be called before forward()")
         hidden, gates = self._check_inputs(topk_ids, hidden, gates)
         topk_ids = topk_ids.to(torch.int64)
@@ -284,13 +290,14 @@ class ToyMoE:
         mine = (token_index % self.num_ranks) == self.rank
         for layer in range(self.num_moe_layers):
             ids = topk_ids[layer]
-            log2phy = self.logical_to_physical_map[layer].to("cpu")
-            counts = self.logical_replica_count[layer].to("cpu", torch.int64)
+            moe_layer = self.moe_layers[layer]
+            log2phy = moe_layer.logical_to_physical_map.to("cpu")
+            counts = moe_layer.logical_replica_count.to("cpu", torch.int64)
             replica = token_index % counts[ids].clamp_min(1)
             physical = log2phy[ids, replica]
-            if record_load and self.expert_load_view is not None:
+            if record_load:
                 recorded = physical[mine]
-                view = self.expert_load_view[layer]
+                view = moe_layer.expert_load_view
                 view.index_add_(
                     0,
                     recorded.to(view.device),
