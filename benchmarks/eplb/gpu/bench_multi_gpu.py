@@ -70,6 +70,21 @@ from vllm.distributed.async_eplb.transports import (  # noqa: E402
 from vllm.distributed.async_eplb.worker import StagingWorker  # noqa: E402
 
 BASELINE = "none"
+# ``ipc`` as a multi-node deployment gets it between nodes: every GPU its own
+# node (ranks_per_node=1), so ``auto`` on CUDA stages through pinned host
+# memory and gloo.
+CROSS_NODE = "ipc-rpn1"
+# Per tensor of one expert: (shape, dtype). DeepSeek-V3 FP8: w13, w2 and their
+# block scales (128 x 128 blocks, float32), as vLLM's FP8 MoE holds them.
+LAYOUTS: dict[str, list[tuple[tuple[int, ...], torch.dtype]]] = {
+    "flat": [],  # one uint8 tensor of --expert-bytes
+    "deepseek-fp8": [
+        ((4096, 7168), torch.uint8),
+        ((7168, 2048), torch.uint8),
+        ((32, 56), torch.float32),
+        ((56, 16), torch.float32),
+    ],
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,6 +96,12 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--only", default="transfer,safety")
     p.add_argument("--expert-bytes", type=int, default=EXPERT_BYTES)
+    p.add_argument(
+        "--layout",
+        default="flat",
+        choices=sorted(LAYOUTS),
+        help="transfer part: the layer's weight tensors (flat: one uint8 tensor)",
+    )
     p.add_argument("--experts-per-rank", type=int, default=EXPERTS_PER_RANK)
     p.add_argument("--reps", type=int, default=20, help="transfer repetitions")
     p.add_argument("--steps", type=int, default=2000, help="at least, per run")
@@ -236,6 +257,31 @@ class Timer:
 # ---- part 1: one layer from one GPU to another ---------------------------
 
 
+def layout_bytes(layout: str, expert_bytes: int) -> int:
+    """Bytes of one expert, all tensors of ``layout`` included."""
+    spec = LAYOUTS[layout]
+    if not spec:
+        return expert_bytes
+    return sum(
+        torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
+        for shape, dt in spec
+    )
+
+
+def split_layer(layout: str, rows: torch.Tensor) -> list[torch.Tensor]:
+    """The layer's weight tensors cut from ``[S, bytes]`` rows (contiguous)."""
+    spec = LAYOUTS[layout]
+    if not spec:
+        return [rows]
+    out, offset = [], 0
+    for shape, dt in spec:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
+        part = rows[:, offset : offset + nbytes].contiguous()
+        out.append(part.view(dt).view(rows.shape[0], *shape))
+        offset += nbytes
+    return out
+
+
 def one_way_row(world: int, slots: int, src: int, dst: int) -> list[int]:
     """Placement where ``dst``'s slots take ``src``'s experts (the rest stays)."""
     row = list(range(world * slots))
@@ -257,17 +303,26 @@ def time_floor(ctx: Ctx, src: int, dst: int, data: torch.Tensor) -> dict:
     return {"device_s": dev, "host_s": host}
 
 
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """Compare weights as bytes: random bytes seen as floats can be NaN."""
+    return t.view(torch.uint8)
+
+
 def time_transport(ctx: Ctx, name: str, src: int, dst: int, plan, weights) -> dict:
+    kind = "ipc" if name == CROSS_NODE else name
     transport = make_transport(
-        name,
+        kind,
         backend=ctx.backend,
-        group=ctx.staging[name],
+        group=ctx.staging[kind],
         expert_weights=[weights],
-        ranks_per_node=ctx.world,
+        ranks_per_node=1 if name == CROSS_NODE else ctx.world,
         timeout=ctx.args.timeout,
     )
     buffer = StagingBuffer(weights, ctx.backend)
-    expected = rank_layer(ctx, 0, list(range(ctx.world * plan.slots_per_rank)), src)
+    expected = split_layer(
+        ctx.args.layout,
+        rank_layer(ctx, 0, list(range(ctx.world * plan.slots_per_rank)), src),
+    )
     dev, host, exact, received = [], [], True, 0
     for i in range(2 * ctx.args.reps):
         buffer.packed(0).fill_(0)
@@ -278,7 +333,10 @@ def time_transport(ctx: Ctx, name: str, src: int, dst: int, plan, weights) -> di
             )
         (dev if i % 2 else host).append(t.device_s if i % 2 else t.host_s)
         if ctx.rank == dst:
-            exact &= torch.equal(buffer.packed(0), expected)
+            exact &= all(
+                torch.equal(_bytes(got), _bytes(want))
+                for got, want in zip(buffer.slot(0), expected, strict=True)
+            )
     del transport
     return {"device_s": dev, "host_s": host, "bit_exact": exact, "bytes": received}
 
@@ -293,10 +351,11 @@ def rates(nbytes: int, timed: dict) -> dict:
 def run_transfer(ctx: Ctx, transports: list[str]) -> dict:
     s = ctx.args.experts_per_rank
     row = list(range(ctx.world * s))
-    weights = [rank_layer(ctx, 0, row, ctx.rank)]
-    nbytes = weights[0].numel()
+    rows = rank_layer(ctx, 0, row, ctx.rank)
+    weights = split_layer(ctx.args.layout, rows)
+    nbytes = rows.numel()
     scratch = torch.empty(nbytes, dtype=torch.uint8, device=ctx.device)
-    scratch.copy_(weights[0].view(-1))
+    scratch.copy_(rows.view(-1))
     pairs = (
         [(0, 1)]
         if ctx.world == 2
@@ -312,7 +371,7 @@ def run_transfer(ctx: Ctx, transports: list[str]) -> dict:
         floor_exact = ctx.rank != dst or torch.equal(
             scratch, rank_layer(ctx, 0, row, src).view(-1)
         )
-        scratch.copy_(weights[0].view(-1))
+        scratch.copy_(rows.view(-1))
         per = {"floor": rates(nbytes, floor)}
         exact = {"floor": floor_exact}
         for name in transports:
@@ -637,7 +696,12 @@ def main() -> int:
         return relaunch_under_torchrun(__file__, n)
     default = "p2p,ipc" if args.device == "cuda" else "p2p,gloo-staged"
     transports = (args.transports or default).split(",")
-    allowed = {"p2p", "gloo-staged"} | ({"ipc"} if args.device == "cuda" else set())
+    allowed = {"p2p", "gloo-staged"} | (
+        {"ipc", CROSS_NODE} if args.device == "cuda" else set()
+    )
+    if args.layout != "flat" and "safety" in args.only.split(","):
+        raise ValueError("--layout applies to the transfer part only (--only transfer)")
+    args.expert_bytes = layout_bytes(args.layout, args.expert_bytes)
     bad = [t for t in transports if t not in allowed]
     if bad:
         raise ValueError(f"transport(s) {bad} not available on {args.device}")

@@ -11,6 +11,7 @@ import pytest
 from vllm.distributed.async_eplb.transports import TransferError
 from vllm.distributed.async_eplb.transports.p2p import (
     transfers_in_flight,
+    wait_on_device,
     wait_works,
 )
 
@@ -92,3 +93,93 @@ def test_gloo_abort_returns_at_once_and_the_abandoned_wait_reports_its_end() -> 
     work.done.set()
     _until(lambda: transfers_in_flight() == 0)
     assert reports[-1] == ()
+
+
+class FakeStreamWork:
+    """A device-collective work: ``wait`` only orders the caller's stream."""
+
+    def __init__(self) -> None:
+        self.waited = False
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        self.waited = True
+        return True
+
+
+class FakeBackend:
+    """The event after the works completes when ``landed`` is set."""
+
+    def __init__(self) -> None:
+        self.landed = threading.Event()
+        self.recorded = 0
+
+    def new_event(self) -> str:
+        return "done"
+
+    def record_event(self, event: str) -> None:
+        self.recorded += 1
+
+    def synchronize_event(self, event: str) -> None:
+        self.landed.wait()
+
+
+def _device_wait_in_thread(works, backend, *, reports: list, **kw):
+    errors: list[BaseException] = []
+    ended: list[float] = []
+
+    def run() -> None:
+        try:
+            wait_on_device(
+                works,
+                [[1], [3]],
+                backend,
+                kw.get("timeout", 10.0),
+                kw.get("should_abort", lambda: False),
+                progress=lambda p: reports.append(tuple(p)),
+            )
+        except BaseException as exc:
+            errors.append(exc)
+        ended.append(time.monotonic())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, errors, ended
+
+
+def test_device_wait_orders_the_stream_then_wakes_when_the_bytes_land() -> None:
+    works, backend = [FakeStreamWork(), FakeStreamWork()], FakeBackend()
+    reports: list[tuple[int, ...]] = []
+    thread, errors, ended = _device_wait_in_thread(works, backend, reports=reports)
+    _until(lambda: reports == [(1, 3)])
+    assert all(w.waited for w in works) and backend.recorded == 1
+    time.sleep(0.05)
+    assert thread.is_alive()  # blocked on the event, not returned early
+    landed = time.monotonic()
+    backend.landed.set()
+    thread.join(5)
+    assert not errors and reports[-1] == ()
+    assert ended[0] - landed < 0.05  # woken by the end, not by a poll period
+
+
+def test_device_wait_gives_up_on_abort_and_on_timeout_naming_the_peers() -> None:
+    aborted = threading.Event()
+    reports: list[tuple[int, ...]] = []
+    backend = FakeBackend()
+    thread, errors, _ = _device_wait_in_thread(
+        [FakeStreamWork()], backend, reports=reports, should_abort=aborted.is_set
+    )
+    _until(lambda: reports == [(1, 3)])
+    aborted.set()
+    thread.join(5)
+    assert isinstance(errors[0], TransferError) and errors[0].peers == (1, 3)
+    assert transfers_in_flight() == 0  # a stuck device wait never blocks recovery
+    start = time.monotonic()
+    stuck = FakeBackend()
+    thread, errors, _ = _device_wait_in_thread(
+        [FakeStreamWork()], stuck, reports=[], timeout=0.2
+    )
+    thread.join(5)
+    assert isinstance(errors[0], TransferError) and "timed out" in str(errors[0])
+    assert 0.2 <= time.monotonic() - start < 2.0
+    backend.landed.set()  # let the abandoned helper threads end
+    stuck.landed.set()

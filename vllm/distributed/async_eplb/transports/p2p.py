@@ -1,10 +1,13 @@
 """Batched point-to-point staging: one batch per layer, few large messages.
 
-The experts one rank sends to a peer are packed, all weight tensors included,
-into ``row_bytes`` rows (a per-tensor message is about half as fast). On
-device collectives each run of consecutive target slots is one message that
-lands straight in the receiver's staging rows, posted as one coalesced batch.
-On gloo, which pays per message, each peer gets one message, spread to its
+On device collectives (NCCL, HCCL) nothing is packed: every message goes
+straight from the sender's workspace rows into the receiver's staging rows,
+all of a layer's messages in one coalesced batch, and the rank's local copies
+run on its stream while the batch travels. A message is a run of experts
+consecutive on both sides when the layer is one tensor, else one expert's
+row of one weight tensor (see :func:`direct_runs`). On gloo, which pays per
+message, the experts one rank sends to a peer are packed, all weight tensors
+included, into ``row_bytes`` rows and sent as one message, spread to their
 slots on arrival; on CPU the receives are posted first and each send as soon
 as it is packed, and the rank's local copies run while the bytes travel.
 
@@ -38,7 +41,15 @@ from vllm.distributed.async_eplb.transports import (
     row_nbytes,
 )
 
-__all__ = ["Message", "P2PTransport", "message_tag", "wait_works"]
+__all__ = [
+    "Message",
+    "P2PTransport",
+    "direct_messages",
+    "direct_runs",
+    "message_tag",
+    "wait_on_device",
+    "wait_works",
+]
 
 _JOB_BITS, _LAYER_BITS = 15, 16  # tag < 2**31: gloo takes a non-negative int
 _ABORT_POLL_S = 2e-3
@@ -77,6 +88,61 @@ def _by_peer(
     return {
         p: sorted(ts, key=lambda t: t.dst_slots[0]) for p, ts in sorted(grouped.items())
     }
+
+
+def direct_runs(
+    transfers: Sequence[Transfer], flat: bool
+) -> list[tuple[int, int, int]]:
+    """``(src_slot, dst_slot, n)`` of each run sent as its own message(s).
+
+    ``transfers`` are one pair of ranks' transfers in the order both sides use
+    (by first target slot), so sender and receiver derive the same runs. A
+    ``flat`` layer (one weight tensor, staging rows without padding) sends
+    each run of experts consecutive on both sides as one message. Otherwise
+    each expert is a run of one, sent as one message per weight tensor: in
+    the interleaved staging rows, one expert's part of one tensor is
+    contiguous, several experts' parts are not.
+    """
+    runs: list[tuple[int, int, int]] = []
+    for t in transfers:
+        src, dst = t.src_slot, t.dst_slots[0]
+        if flat and runs:
+            src0, dst0, n = runs[-1]
+            if src == src0 + n and dst == dst0 + n:
+                runs[-1] = (src0, dst0, n + 1)
+                continue
+        runs.append((src, dst, 1))
+    return runs
+
+
+def direct_messages(
+    runs: Sequence[tuple[int, int, int]],
+    tensors: Sequence[torch.Tensor],
+    *,
+    sender: bool,
+) -> list[torch.Tensor]:
+    """The byte views one side posts, one per (run, tensor), in posting order.
+
+    The sender's come from its workspace tensors at the source slots, the
+    receiver's from its staging views at the target slots; message ``i`` of
+    the one matches message ``i`` of the other in size. A workspace slice
+    that is not contiguous is copied (kept alive by the send until it is
+    waited for); a staging view that is not contiguous is a layout error.
+    """
+    out = []
+    for src, dst, n in runs:
+        first = src if sender else dst
+        for tensor in tensors:
+            part = tensor[first : first + n]
+            if not part.is_contiguous():
+                if not sender:
+                    raise ValueError(
+                        f"staging rows {dst}..{dst + n - 1} of a tensor of shape "
+                        f"{tuple(tensor.shape)} are not contiguous"
+                    )
+                part = part.contiguous()
+            out.append(part.reshape(-1).view(torch.uint8))
+    return out
 
 
 def _raise_if_aborted(should_abort: Callable[[], bool], waiting_on: list[int]) -> None:
@@ -159,16 +225,42 @@ def _wait_gloo(
 
     gloo's point-to-point works report completion only from ``wait``, and a
     ``wait`` that times out closes the group's connections, so they cannot be
-    polled in short slices. The waits run on a daemon thread while this one
-    checks ``should_abort``; an abort returns at once and leaves that thread
-    to finish or time out (closing the connections of a group the caller is
-    giving up on: after an abort, staging moves to a fresh group).
+    polled in short slices. An abort returns at once and leaves the helper
+    thread to finish or time out (closing the connections of a group the
+    caller is giving up on: after an abort, staging moves to a fresh group);
+    until then it counts in :func:`transfers_in_flight`.
+    """
+    _wait_on_thread(
+        lambda: _wait_each(works, peers, deadline, progress),
+        _peers_of(peers),
+        should_abort,
+        progress,
+        deadline=None,  # the waits themselves end by the deadline
+        track=True,
+    )
+
+
+def _wait_on_thread(
+    block: Callable[[], None],
+    peers: list[int],
+    should_abort: Callable[[], bool],
+    progress: Callable[[Sequence[int]], None],
+    *,
+    deadline: float | None,
+    track: bool,
+) -> None:
+    """Run the blocking ``block`` on a daemon thread; return when it ends.
+
+    Joining wakes the caller as soon as the thread ends (no polling), while
+    ``should_abort`` is checked every few milliseconds and ``deadline`` (when
+    given) is enforced here, leaving the thread behind. ``track``: the thread
+    counts in :func:`transfers_in_flight` until it ends.
     """
     failure: list[BaseException] = []
 
-    def wait_all() -> None:
+    def run() -> None:
         try:
-            _wait_each(works, peers, deadline, progress)
+            block()
         except BaseException as exc:  # handed to the calling thread
             failure.append(exc)
         finally:
@@ -176,16 +268,60 @@ def _wait_gloo(
             with _waiters_lock:
                 _waiters.discard(threading.current_thread())
 
-    waiter = threading.Thread(target=wait_all, name="async-eplb-gloo-wait", daemon=True)
-    with _waiters_lock:
-        _waiters.add(waiter)
+    waiter = threading.Thread(target=run, name="async-eplb-wait", daemon=True)
+    if track:
+        with _waiters_lock:
+            _waiters.add(waiter)
     waiter.start()
     while waiter.is_alive():
-        waiter.join(_ABORT_POLL_S)  # returns as soon as the waits are done
+        waiter.join(_ABORT_POLL_S)  # returns as soon as the wait is done
         if waiter.is_alive():
-            _raise_if_aborted(should_abort, _peers_of(peers))
+            _raise_if_aborted(should_abort, peers)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TransferError(f"timed out waiting for ranks {peers}", peers)
     if failure:
         raise failure[0]
+
+
+def wait_on_device(
+    works: Sequence[Any],
+    peers: Sequence[Sequence[int]],
+    backend: DeviceBackend,
+    timeout: float,
+    should_abort: Callable[[], bool],
+    progress: Callable[[Sequence[int]], None] = lambda peers: None,
+) -> None:
+    """Device-collective works (NCCL, HCCL): wait without polling.
+
+    The caller's stream waits for the works at once (``work.wait()`` blocks
+    no host thread there); a helper thread then blocks on one event after
+    them, with the GIL released, so the caller wakes as soon as the bytes
+    have landed, and gives up on abort or after ``timeout``. Polling instead
+    either sees the end late or wakes often, each wake-up taking the GIL from
+    the forward's thread. A helper left blocked by an abort is not counted
+    in :func:`transfers_in_flight` (it may never end; the group is replaced).
+    """
+    if not works:
+        return
+    deadline = time.monotonic() + timeout
+    everyone = _peers_of(peers)
+    _raise_if_aborted(should_abort, everyone)
+    for work in works:
+        work.wait()
+    done = backend.new_event()
+    backend.record_event(done)
+    progress(everyone)
+    try:
+        _wait_on_thread(
+            lambda: backend.synchronize_event(done),
+            everyone,
+            should_abort,
+            progress,
+            deadline=deadline,
+            track=False,
+        )
+    finally:
+        progress(())
 
 
 def wait_works(
@@ -201,9 +337,10 @@ def wait_works(
 
     Gives up with ``TransferError`` as soon as ``should_abort()`` is true (a
     stop request), without waiting out ``timeout``. ``pollable`` works (NCCL,
-    HCCL) are polled; gloo's are waited for on a helper thread (see
-    ``_wait_gloo``). ``progress`` is told the peers still waited for as they
-    change (from the helper thread for gloo); ``()`` once the wait ends.
+    HCCL) are polled (:func:`wait_on_device` waits for them without polling);
+    gloo's are waited for on a helper thread (see ``_wait_gloo``).
+    ``progress`` is told the peers still waited for as they change (from the
+    helper thread for gloo); ``()`` once the wait ends.
     """
     deadline = time.monotonic() + timeout
     if not works:
@@ -291,6 +428,11 @@ class P2PTransport(Transport):
                 local()
             return 0
         layout = RowLayout.of(weights)
+        if self.pollable:
+            flat = len(weights) == 1 and layout.row_bytes == row_nbytes(weights)
+            self._exchange_direct(sends, recvs, weights, buffers, flat, local, tag)
+            copy_duplicates(rank_plan, buffers, peers)
+            return sum(map(len, recvs.values())) * row_nbytes(weights)
         recv_spans = [
             (peer, ts[offset : offset + length])
             for peer, ts in recvs.items()
@@ -344,6 +486,43 @@ class P2PTransport(Transport):
         copy_duplicates(rank_plan, buffers, peers)
         return sum(map(len, recvs.values())) * row_nbytes(weights)
 
+    def _exchange_direct(
+        self,
+        sends: dict[int, list[Transfer]],
+        recvs: dict[int, list[Transfer]],
+        weights: Sequence[torch.Tensor],
+        buffers: Sequence[torch.Tensor],
+        flat: bool,
+        local: Callable[[], None] | None,
+        tag: int,
+    ) -> None:
+        """Device collectives: workspace rows to staging rows, no packing.
+
+        The batch is posted before the local copies, so that the messages do
+        not wait for them on the device; the copies then run beside them.
+        """
+        messages = [
+            Message(False, peer, rows)
+            for peer, ts in recvs.items()
+            for rows in direct_messages(direct_runs(ts, flat), buffers, sender=False)
+        ]
+        messages += [
+            Message(True, peer, rows)
+            for peer, ts in sends.items()
+            for rows in direct_messages(direct_runs(ts, flat), weights, sender=True)
+        ]
+        works, peers = self._post(messages, tag)
+        if local is not None:
+            local()
+        wait_on_device(
+            works,
+            peers,
+            self.backend,
+            self.timeout,
+            self.should_abort,
+            progress=self._set_waiting_on,
+        )
+
     @property
     def _streams_messages(self) -> bool:
         """Post messages one by one as they are ready (gloo on host memory)."""
@@ -353,10 +532,11 @@ class P2PTransport(Transport):
         """``(offset, length)`` of each message between one pair of ranks.
 
         gloo pays per message (one message per peer is about twice as fast on
-        loopback), so it gets one per peer and the receiver spreads the rows.
-        Device collectives get one message per run of consecutive target
-        slots, each landing straight in the staging rows (no receive copy).
-        Depends only on the plan and the group, so both sides split alike.
+        loopback), so staged through host memory it gets one per peer and the
+        receiver spreads the rows. On CPU, each run of consecutive target
+        slots is one message landing straight in the staging rows (no receive
+        copy). Depends only on the plan and the group, so both sides split
+        alike. (Device collectives do not pack: see :func:`direct_runs`.)
         """
         if not self.pollable and not self._streams_messages:
             return [(0, len(transfers))]
@@ -404,6 +584,13 @@ class P2PTransport(Transport):
 
     def _run(self, messages: Sequence[Message], tag: int) -> None:
         """Post every message as one batch and wait for all of them."""
+        works, peers = self._post(messages, tag)
+        self._wait(works, peers, pollable=self.pollable)
+
+    def _post(
+        self, messages: Sequence[Message], tag: int
+    ) -> tuple[list[Any], list[list[int]]]:
+        """Post every message as one batch: its works and the peers of each."""
         ops = [
             dist.P2POp(
                 dist.isend if m.is_send else dist.irecv,
@@ -420,7 +607,7 @@ class P2PTransport(Transport):
         else:  # coalesced into one work (NCCL / HCCL)
             everyone = sorted({m.peer for m in messages})
             peers = [everyone] * len(works)
-        self._wait(works, peers, pollable=self.pollable)
+        return list(works), peers
 
     def _scratch_rows(self, num_rows: int, row_bytes: int) -> torch.Tensor:
         """Grow-only scratch, reused across layers: no allocation per layer."""

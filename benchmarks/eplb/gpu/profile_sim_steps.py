@@ -1,0 +1,402 @@
+"""What the slow steps of the simulated deployment spend (issue 13).
+
+Runs ``python -m vllm.distributed.async_eplb.simulate`` with the same arguments,
+and in every rank process:
+
+- profiles each ``EplbState.step()`` of the main thread with ``cProfile``
+  (wall clock) and keeps the profile of every step over ``--slow-ms``: the
+  calls that took the time, with the main thread's CPU time beside the wall
+  time (wall much larger than CPU: the thread waited, for the GIL, a lock or
+  the device);
+- logs, with the same clock, what the helper threads did: the staging
+  worker's layers (``StagingWorker._stage``), the transport's job start
+  (``prepare_job``), each layer's transfer (``stage_layer``), and the
+  planner (``EplbState._compute_plans``).
+
+- times, per step, the main-thread calls of the step's parts (votes,
+  commits, load window), wall and CPU, without cProfile (``--timers-only``
+  leaves cProfile out: on Python 3.12 it sees every thread's calls and slows
+  them all).
+
+``--warm-load-window`` applies, in the rank processes, the start-up fix this
+benchmark found for the first rebalance's stall: the load window's fold run
+once at the end of the profile run (see ``warm_up_first_rebalance``).
+``--switch-interval-ms X`` sets Python's GIL switch interval in the ranks.
+``--gpu-forward-ms X`` makes each decode step a decode-sized stand-in: after
+the toy forward, the device is kept busy for X ms and the main thread waits
+for it (GIL released), as a model runner waits for a GPU-bound forward.
+
+Writes ``<out-dir>/profile_rank<r>.json`` and prints, per rank, the slow steps
+with their top calls and the helper-thread intervals that overlapped them.
+
+    python benchmarks/eplb/gpu/profile_sim_steps.py --out-dir prof -- \\
+        --device cuda --ranks 2 --no-progress --out prof/sim
+
+cProfile slows Python code (about 2x on the step's own work): compare the
+slow steps' calls, not their absolute times, with an unprofiled run.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import functools
+import json
+import os
+import pstats
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_OUT_ENV = "EPLB_PROFILE_OUT"
+_SLOW_ENV = "EPLB_PROFILE_SLOW_MS"
+_MODE_ENV = "EPLB_PROFILE_MODE"  # comma-separated: timers-only, warm-load-window
+_SWITCH_ENV = "EPLB_PROFILE_SWITCH_MS"
+_FORWARD_ENV = "EPLB_PROFILE_GPU_FORWARD_MS"
+# Main-thread parts of a step, timed per step: (module, class, method).
+_PARTS = [
+    ("eplb_state", "EplbState", "_collect_votes"),
+    ("eplb_state", "EplbState", "_launch_ready_vote"),
+    ("eplb_state", "EplbState", "_commit_ready"),
+    ("eplb_state", "EplbState", "rearrange"),
+    ("worker", "StagingWorker", "commit_layer"),
+    ("worker", "StagingWorker", "staged_layers"),
+    ("load_stats", "LoadWindow", "record"),
+    ("load_stats", "LoadWindow", "total"),
+    ("agreement", "NonBlockingVote", "launch"),
+    ("agreement", "NonBlockingVote", "collect"),
+    ("maps", "ExpertMaps", "commit_prepared"),
+]
+
+
+class _Recorder:
+    """Per-process store: slow main-thread steps and helper-thread intervals."""
+
+    def __init__(self, out_dir: Path, slow_ms: float, modes: set[str]) -> None:
+        self.out_dir = out_dir
+        self.slow_s = slow_ms / 1e3
+        self.modes = modes
+        self.parts: dict[str, list[float]] = {}  # part -> [wall, cpu] this step
+        self.steps: list[dict[str, Any]] = []
+        self.slow: list[dict[str, Any]] = []
+        self.intervals: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def interval(self, name: str, start: float, end: float, **extra: Any) -> None:
+        with self.lock:
+            self.intervals.append(
+                {
+                    "name": name,
+                    "thread": threading.current_thread().name,
+                    "start": start,
+                    "end": end,
+                    **extra,
+                }
+            )
+
+    def dump(self, rank: int) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"profile_rank{rank}.json"
+        path.write_text(
+            json.dumps(
+                {"steps": self.steps, "slow": self.slow, "intervals": self.intervals}
+            )
+        )
+
+
+def _top_calls(profile: cProfile.Profile, n: int = 14) -> list[dict[str, Any]]:
+    stats = pstats.Stats(profile)
+    rows = []
+    for (file, line, func), (_, ncalls, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append(
+            {
+                "func": f"{Path(file).name}:{line}:{func}",
+                "ncalls": ncalls,
+                "tottime_ms": 1e3 * tt,
+                "cumtime_ms": 1e3 * ct,
+            }
+        )
+    by_tot = sorted(rows, key=lambda r: -r["tottime_ms"])[:n]
+    by_cum = sorted(rows, key=lambda r: -r["cumtime_ms"])[:n]
+    return [{"by": "tottime", **r} for r in by_tot] + [
+        {"by": "cumtime", **r} for r in by_cum
+    ]
+
+
+def _install(recorder: _Recorder) -> None:
+    """Wrap the methods whose timing we want (this process only)."""
+    from vllm.distributed.async_eplb import eplb_state, worker
+    from vllm.distributed.async_eplb.transports import Transport
+
+    step_index = [0]
+    original_step = eplb_state.EplbState.step
+
+    @functools.wraps(original_step)
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("is_profile") or (len(args) > 1 and args[1]):
+            return original_step(self, *args, **kwargs)
+        profile = None if "timers-only" in recorder.modes else cProfile.Profile()
+        recorder.parts = {}
+        cpu0, t0 = time.thread_time(), time.perf_counter()
+        if profile is not None:
+            profile.enable()
+        try:
+            return original_step(self, *args, **kwargs)
+        finally:
+            if profile is not None:
+                profile.disable()
+            t1, cpu1 = time.perf_counter(), time.thread_time()
+            index = step_index[0]
+            step_index[0] += 1
+            record = {
+                "step": index,
+                "start": t0,
+                "end": t1,
+                "wall_ms": 1e3 * (t1 - t0),
+                "cpu_ms": 1e3 * (cpu1 - cpu0),
+                "phase": str(getattr(self, "_phase", "")),
+                "parts": {k: [1e3 * v for v in wc] for k, wc in recorder.parts.items()},
+            }
+            recorder.steps.append(record)
+            if t1 - t0 > recorder.slow_s:
+                calls = _top_calls(profile) if profile is not None else []
+                recorder.slow.append({**record, "calls": calls})
+
+    eplb_state.EplbState.step = step  # type: ignore[method-assign]
+
+    def timed(cls: Any, name: str) -> None:
+        original = getattr(cls, name)
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                recorder.interval(f"{cls.__name__}.{name}", start, time.perf_counter())
+
+        setattr(cls, name, wrapper)
+
+    import importlib
+
+    for module, cls_name, name in _PARTS:
+        cls = getattr(importlib.import_module(f"{_PKG}.{module}"), cls_name)
+        _time_part(recorder, cls, name)
+    if "warm-load-window" in recorder.modes:
+        original_profile = eplb_state.EplbState._profile_transfer
+
+        @functools.wraps(original_profile)
+        def profile_transfer(self: Any) -> None:
+            original_profile(self)
+            warm_up_first_rebalance(self)
+
+        eplb_state.EplbState._profile_transfer = profile_transfer  # type: ignore[method-assign]
+
+    timed(worker.StagingWorker, "_stage")
+    timed(worker.StagingWorker, "commit_layer")
+    timed(eplb_state.EplbState, "_compute_plans")
+    for sub in _transport_classes(Transport):
+        for name in ("prepare_job", "stage_layer"):
+            if name in vars(sub):
+                timed(sub, name)
+
+    original_shutdown = eplb_state.EplbState.shutdown
+
+    @functools.wraps(original_shutdown)
+    def shutdown(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original_shutdown(self, *args, **kwargs)
+        finally:
+            recorder.dump(self.ep.rank)
+
+    eplb_state.EplbState.shutdown = shutdown  # type: ignore[method-assign]
+
+
+_PKG = "vllm.distributed.async_eplb"
+
+
+def warm_up_first_rebalance(eplb: Any) -> None:
+    """The proposed fix, as the profile run would call it (see RESULTS.md).
+
+    The first rebalance folds the load window (``LoadWindow.total()``) on the
+    main thread; the first launch of each of its kernels loads that kernel
+    (CUDA lazy loading), 40-55 ms of host time on the H200s. The profile
+    run's window is empty (its fold launches nothing), so a throw-away
+    window of one recorded step runs the same kernels.
+    """
+    from vllm.distributed.async_eplb.load_stats import LoadWindow
+
+    for state in eplb.model_states.values():
+        scratch = LoadWindow(1, state.maps.phy2log, state.model.num_logical_experts)
+        scratch.record(state.expert_load_pass)
+        scratch.total()
+    eplb._backend.synchronize()
+
+
+def _gpu_forward(ms: float) -> None:
+    """Make every toy forward a GPU-bound decode step of about ``ms``."""
+    import torch
+
+    from vllm.distributed.async_eplb.simulation import toy_moe
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    cycles = int(10_000_000 * ms / start.elapsed_time(end))
+    original = toy_moe.ToyMoE.forward
+
+    @functools.wraps(original)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        torch.cuda._sleep(cycles)
+        torch.cuda.synchronize()  # the main thread waits, GIL released
+        return out
+
+    toy_moe.ToyMoE.forward = forward  # type: ignore[method-assign]
+
+
+def _time_part(recorder: _Recorder, cls: Any, name: str) -> None:
+    """Add this method's main-thread wall and CPU time to the step's parts."""
+    original = getattr(cls, name)
+    key = f"{cls.__name__}.{name}"
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return original(*args, **kwargs)
+        cpu0, t0 = time.thread_time(), time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            wc = recorder.parts.setdefault(key, [0.0, 0.0])
+            wc[0] += time.perf_counter() - t0
+            wc[1] += time.thread_time() - cpu0
+
+    setattr(cls, name, wrapper)
+
+
+def _transport_classes(base: type) -> list[type]:
+    from vllm.distributed.async_eplb.transports import gloo_staged, ipc, p2p
+
+    del gloo_staged, ipc, p2p  # imported so that their classes exist
+    found, todo = [], [base]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            found.append(sub)
+            todo.append(sub)
+    return found
+
+
+def _summarize(out_dir: Path) -> None:
+    for path in sorted(out_dir.glob("profile_rank*.json")):
+        data = json.loads(path.read_text())
+        busy = [st for st in data["steps"] if st["phase"] != "idle"]
+        walls = sorted(st["wall_ms"] for st in busy) or [0.0]
+        print(
+            f"== {path.name}: {len(data['slow'])} slow steps; {len(busy)} steps "
+            f"not idle: wall p50 {walls[len(walls) // 2]:.3f} p99 "
+            f"{walls[int(0.99 * (len(walls) - 1))]:.3f} max {walls[-1]:.3f} ms"
+        )
+        totals: dict[str, list[float]] = {}
+        for st in busy:
+            for k, (w, c) in st["parts"].items():
+                t = totals.setdefault(k, [0, 0.0, 0.0, 0.0])
+                t[0] += 1
+                t[1] += w
+                t[2] += c
+                t[3] = max(t[3], w)
+        for k, (n, w, c, top) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+            print(
+                f"    {k:34s} x{n:4d}  mean wall {w / n:.3f}  cpu {c / n:.3f}"
+                f"  max wall {top:.3f} ms"
+            )
+        for slow in sorted(data["slow"], key=lambda s: -s["wall_ms"])[:8]:
+            print(
+                f"step {slow['step']} ({slow['phase']}): wall {slow['wall_ms']:.2f} ms,"
+                f" main-thread cpu {slow['cpu_ms']:.2f} ms"
+            )
+            parts = sorted(slow["parts"].items(), key=lambda kv: -kv[1][0])
+            print(
+                "    parts (wall/cpu ms): "
+                + ", ".join(f"{k} {w:.2f}/{c:.2f}" for k, (w, c) in parts[:6])
+            )
+            for call in [c for c in slow["calls"] if c["by"] == "tottime"][:6]:
+                print(
+                    f"    {call['tottime_ms']:8.2f} ms self  {call['cumtime_ms']:8.2f}"
+                    f" cum  x{call['ncalls']}  {call['func']}"
+                )
+            for iv in data["intervals"]:
+                if iv["end"] > slow["start"] and iv["start"] < slow["end"]:
+                    print(
+                        f"    overlapping: {iv['name']} on {iv['thread']}"
+                        f" {1e3 * (iv['end'] - iv['start']):.2f} ms"
+                    )
+
+
+def _configure_rank() -> None:
+    """Knobs of the rank processes (set before their first step)."""
+    if os.environ.get(_SWITCH_ENV):
+        sys.setswitchinterval(float(os.environ[_SWITCH_ENV]) / 1e3)
+    if os.environ.get(_FORWARD_ENV):
+        from vllm.distributed.async_eplb import eplb_state
+
+        original = eplb_state.EplbState.add_model
+
+        @functools.wraps(original)
+        def add_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+            _gpu_forward(float(os.environ[_FORWARD_ENV]))  # CUDA is set up now
+            return original(self, *args, **kwargs)
+
+        eplb_state.EplbState.add_model = add_model  # type: ignore[method-assign]
+
+
+def _recorder_from_env() -> _Recorder:
+    modes = set(filter(None, os.environ.get(_MODE_ENV, "").split(",")))
+    return _Recorder(Path(os.environ[_OUT_ENV]), float(os.environ[_SLOW_ENV]), modes)
+
+
+if os.environ.get(_OUT_ENV):  # in every process, rank processes included
+    _install(_recorder_from_env())
+    _configure_rank()
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    if "--" not in argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    split = argv.index("--")
+    own, sim_args = argv[:split], argv[split + 1 :]
+    out_dir = Path(own[own.index("--out-dir") + 1]) if "--out-dir" in own else None
+    slow_ms = float(own[own.index("--slow-ms") + 1]) if "--slow-ms" in own else 1.0
+    if out_dir is None:
+        print("--out-dir is required", file=sys.stderr)
+        return 2
+    os.environ[_OUT_ENV] = str(out_dir)
+    os.environ[_SLOW_ENV] = str(slow_ms)
+    os.environ[_MODE_ENV] = ",".join(
+        m for m in ("timers-only", "warm-load-window") if f"--{m}" in own
+    )
+    for flag, env in (
+        ("--switch-interval-ms", _SWITCH_ENV),
+        ("--gpu-forward-ms", _FORWARD_ENV),
+    ):
+        if flag in own:
+            os.environ[env] = own[own.index(flag) + 1]
+    _install(_recorder_from_env())  # forked ranks (CPU) inherit it
+    _configure_rank()
+    # Spawned rank processes re-import this file as __mp_main__ and patch
+    # themselves from the environment (see above).
+    from vllm.distributed.async_eplb.simulation.cli import main as simulate
+
+    code = simulate(sim_args)
+    _summarize(out_dir)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
