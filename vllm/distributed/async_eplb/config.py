@@ -75,6 +75,17 @@ class AsyncEplbConfig:
     timeout_s: float = 60.0
     """A vote still incomplete this long after it is due aborts the rebalance;
     a worker without progress this long reports itself timed out."""
+    heal_replicas: bool = True
+    """At start-up, copy replicas whose weights differ from their expert's
+    primary slot from the slots that hold the expert (the warning is logged
+    either way)."""
+    check_after_rebalance: bool | None = None
+    """Digest every committed slot and compare it with its expert's start-up
+    digest; ``None``: on when the logger is at DEBUG level, else off."""
+    record: str | None = None
+    """Path of the load recording (``.npz``), written by EP rank 0; None: off."""
+    init_placement: str | None = None
+    """Placement or load file applied at ``add_model`` (warm start); None: off."""
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -103,6 +114,14 @@ class AsyncEplbConfig:
             )
         if not self.timeout_s > 0:
             raise ValueError(f"{ENV_PREFIX}_TIMEOUT_S={self.timeout_s!r} must be > 0")
+        for suffix, path in (
+            ("RECORD", self.record),
+            ("INIT_PLACEMENT", self.init_placement),
+        ):
+            if path is not None and not path.strip():
+                raise ValueError(
+                    f"{ENV_PREFIX}_{suffix}={path!r} is empty (unset it to turn it off)"
+                )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AsyncEplbConfig:
@@ -132,4 +151,14 @@ class AsyncEplbConfig:
         name, value = raw("TIMEOUT_S")
         if value is not None:
             values["timeout_s"] = _parse_float(name, value, 0.0, strict=True)
+        name, value = raw("HEAL_REPLICAS")
+        if value is not None:
+            values["heal_replicas"] = _parse_bool(name, value)
+        name, value = raw("CHECK_AFTER_REBALANCE")
+        if value is not None:
+            values["check_after_rebalance"] = _parse_bool(name, value)
+        for suffix in ("RECORD", "INIT_PLACEMENT"):
+            name, value = raw(suffix)
+            if value is not None:
+                values[suffix.lower()] = value.strip()
         return cls(**values)  # type: ignore[arg-type]

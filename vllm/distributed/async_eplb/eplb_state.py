@@ -176,6 +176,7 @@ class EplbState:
         self._local_exc: BaseException | None = None
         self._last_progress = time.monotonic()
         self._async_started = False
+        self._recorder: Any = None  # VLLM_ASYNC_EPLB_RECORD, on EP rank 0
         # Built once: votes are collected at every step.
         self._vote_handlers = {
             "load": self._on_load_vote,
@@ -230,6 +231,8 @@ class EplbState:
 
         initial, layer_weights = self._check_model(model)
         self._ensure_groups()
+        name = model_name or getattr(model_config, "model", type(model).__name__)
+        warm = self._plan_warm_start(model, name, initial)
         maps = ExpertMaps(
             initial,
             model.num_logical_experts,
@@ -266,6 +269,7 @@ class EplbState:
         # Allocated now, before vLLM profiles memory, so the profile sees it.
         state.buffer = StagingBuffer(model.expert_weights[0], self._backend)
         state.transport = self._new_transport(state)
+        self._warm_start_and_record(state, warm)
         if self.is_async:
             state.worker = self._new_worker(state)
         self.model_states[self._config_hash(model_config)] = state
@@ -507,6 +511,8 @@ class EplbState:
         )
 
     def _compute_plans(self, loads: list[torch.Tensor]) -> list[PlannedRebalance]:
+        if self._recorder is not None:  # the first model's load, summed over ranks
+            self._recorder.add_window(loads[0])
         states = list(self.model_states.values())
         pairs = zip(states, loads, strict=True)
         return [self._compute_plan(state, load) for state, load in pairs]
@@ -945,6 +951,60 @@ class EplbState:
             plan = plan_layers(old[None], new[None], world, self.ep.ranks_per_node)[0]
             self._move_layer_now(state, 0, plan, None)
 
+    # -- warm start and recording (warm_start.py, recording.py) ----------------------
+    def _plan_warm_start(self, model: Any, name: str, initial: torch.Tensor) -> Any:
+        """The agreed target of ``VLLM_ASYNC_EPLB_INIT_PLACEMENT`` (collective).
+
+        Only for the first model: a MoE drafter starts from its loaded placement.
+        """
+        from vllm.distributed.async_eplb.warm_start import (
+            agreed_warm_start,
+            geometry_of,
+        )
+
+        if self.config.init_placement is None or self.model_states:
+            return None
+        assert self._vote is not None
+        return agreed_warm_start(
+            self.config.init_placement,
+            geometry_of(model, name, self.ep.world_size),
+            initial,
+            self.ep,
+            self._vote.group,
+            num_groups=model.num_expert_groups,
+            ranks_per_node=self.ep.ranks_per_node,
+            policy=self.config.policy,
+        )
+
+    def _warm_start_and_record(self, state: EplbModelState, warm: Any) -> None:
+        """Move to the warm-start placement, before the first forward; and, for
+        the first model on EP rank 0, start ``VLLM_ASYNC_EPLB_RECORD``."""
+        from vllm.distributed.async_eplb.recording import LoadRecorder, recording_meta
+
+        if warm is not None:
+            for layer in warm.changed_layers:
+                plan, row = warm.plans[layer], warm.target[layer]
+                self._move_layer_now(state, layer, plan, row)
+            state.window.placement_changed(state.maps.phy2log)
+            if self.ep.rank == 0:
+                logger.info(
+                    "async EPLB: warm start from the %s: %d layers moved",
+                    warm.description,
+                    len(warm.changed_layers),
+                )
+        if self.config.record and not self.model_states and self.ep.rank == 0:
+            meta = recording_meta(
+                state.model,
+                state.model_name,
+                self.ep.world_size,
+                policy=self.config.policy,
+                window_size=self.expert_load_window_size,
+                step_interval=self.expert_rearrangement_step_interval,
+            )
+            self._recorder = LoadRecorder(
+                self.config.record, meta, placement=lambda: state.maps.phy2log
+            )
+
     # -- shutdown and elastic EP -----------------------------------------------------
     def drain_async(self) -> None:
         """Stop an in-flight rebalance on every rank (callers run it in lockstep)."""
@@ -969,6 +1029,8 @@ class EplbState:
         if self._phase == "shut down":
             return
         self._phase = "shut down"
+        if self._recorder is not None:
+            self._recorder.close()
         workers = [s.worker for s in self.model_states.values() if s.worker]
         for worker in workers:
             worker.stop(timeout=0.0)
