@@ -82,13 +82,6 @@ class AsyncEplbConfig:
     check_after_rebalance: bool | None = None
     """Digest every committed slot and compare it with its expert's start-up
     digest; ``None``: on when the logger is at DEBUG level, else off."""
-    heal_replicas: bool = True
-    """At start-up, copy replicas whose weights differ from their expert's
-    primary slot from the slots that hold the expert (the warning is logged
-    either way)."""
-    check_after_rebalance: bool | None = None
-    """Digest every committed slot and compare it with its expert's start-up
-    digest; ``None``: on when the logger is at DEBUG level, else off."""
     record: str | None = None
     """Path of the load recording (``.npz``), written by EP rank 0; None: off."""
     init_placement: str | None = None
@@ -158,12 +151,6 @@ class AsyncEplbConfig:
         name, value = raw("TIMEOUT_S")
         if value is not None:
             values["timeout_s"] = _parse_float(name, value, 0.0, strict=True)
-        name, value = raw("HEAL_REPLICAS")
-        if value is not None:
-            values["heal_replicas"] = _parse_bool(name, value)
-        name, value = raw("CHECK_AFTER_REBALANCE")
-        if value is not None:
-            values["check_after_rebalance"] = _parse_bool(name, value)
         name, value = raw("HEAL_REPLICAS")
         if value is not None:
             values["heal_replicas"] = _parse_bool(name, value)
