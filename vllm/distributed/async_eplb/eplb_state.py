@@ -59,12 +59,20 @@ from vllm.distributed.async_eplb.model_state import (
     keep_recent,
 )
 from vllm.distributed.async_eplb.planner import LayerPlan, plan_layers
+from vllm.distributed.async_eplb.ready_vote import (
+    ReadyReport,
+    ReadyTally,
+    decode_ready,
+    encode_ready,
+)
 from vllm.distributed.async_eplb.rebalance_algo import warm_up
 from vllm.distributed.async_eplb.rebalance_plan import (
     PlannedRebalance,
     mean_predicted,
     plan_rebalance,
 )
+from vllm.distributed.async_eplb.replica_check import ReplicaCheck
+from vllm.distributed.async_eplb.staging_groups import StagingGroups
 from vllm.distributed.async_eplb.transports import make_transport, staging_backend
 from vllm.distributed.async_eplb.transports.p2p import transfers_in_flight
 
@@ -73,13 +81,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["EpGroupInfo", "EplbCounters", "EplbModelState", "EplbState"]
 
 _ELASTIC = "elastic expert parallelism is not supported by async_eplb"
-
-# Layout of a "ready" vote payload, before the per-layer staged flags.
-_ERROR, _PLANNED, _SKIP, _DEAD, _HEADER = 0, 1, 2, 3, 4
-# Staging groups kept in reserve: a failed transfer can leave a gloo group
-# unusable (pairs closed on timeout), and creating a group is a collective of
-# the whole world, which an abort in one EP group cannot run.
-_SPARE_STAGING_GROUPS = 2
 
 
 def _join_helper_threads(deadline: float) -> list[str]:
@@ -155,15 +156,12 @@ class EplbState:
         self._config_hash = _ConfigHashes()
         self._ep_group = ep_group
         self._vote: NonBlockingVote | None = None
-        self._staging_group: dist.ProcessGroup | None = None
+        self._groups = StagingGroups(None, [])
         self._backend: Any = None
         self._staging_thread: Any = None  # shared by every model's worker
         self._epoch = 0
         # idle | aggregating | active | recovering | disabled | shut down
         self._phase = "idle"
-        self._spare_groups: list[dist.ProcessGroup | None] = []
-        # Staging groups given up after a failure: destroyed at shutdown.
-        self._retired_groups: list[dist.ProcessGroup | None] = []
         self._planner = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="async-eplb-plan"
         )
@@ -177,6 +175,7 @@ class EplbState:
         self._last_progress = time.monotonic()
         self._async_started = False
         self._recorder: Any = None  # VLLM_ASYNC_EPLB_RECORD, on EP rank 0
+        self.replica_check = ReplicaCheck(self.config)
         # Built once: votes are collected at every step.
         self._vote_handlers = {
             "load": self._on_load_vote,
@@ -206,11 +205,9 @@ class EplbState:
         ep = self.ep
         vote_group = private_group(ep.ranks, ep.all_rank_lists)
         backend = staging_backend(self.config.transport, torch.device(self.device).type)
-        self._staging_group = private_group(ep.ranks, ep.all_rank_lists, backend)
-        self._spare_groups = [
-            private_group(ep.ranks, ep.all_rank_lists, backend)
-            for _ in range(_SPARE_STAGING_GROUPS)
-        ]
+        self._groups = StagingGroups.create(
+            lambda: private_group(ep.ranks, ep.all_rank_lists, backend)
+        )
         self._vote = NonBlockingVote(
             vote_group, self.config.vote_delay, self.config.timeout_s
         )
@@ -269,6 +266,9 @@ class EplbState:
         # Allocated now, before vLLM profiles memory, so the profile sees it.
         state.buffer = StagingBuffer(model.expert_weights[0], self._backend)
         state.transport = self._new_transport(state)
+        # Before anything reads or moves experts: replicas the loader left
+        # stale are found and healed (collective, no vote in flight yet).
+        self.replica_check.at_add_model(state, self.ep, self._vote.group, self._backend)
         self._warm_start_and_record(state, warm)
         if self.is_async:
             state.worker = self._new_worker(state)
@@ -278,7 +278,7 @@ class EplbState:
         return make_transport(
             self.config.transport,
             backend=self._backend,
-            group=self._staging_group,
+            group=self._groups.current,
             expert_weights=state.model.expert_weights,
             ranks_per_node=self.ep.ranks_per_node,
             timeout=self.config.timeout_s,
@@ -379,6 +379,7 @@ class EplbState:
         """Once per engine step on every rank, dummy steps included."""
         if self._phase == "shut down":
             return
+        self.replica_check.poll()  # commit digests the device has finished
         if is_profile:
             # The profile run's load is not traffic (vLLM 0.33 drops it too).
             for state in self.model_states.values():
@@ -597,12 +598,12 @@ class EplbState:
         waiting_idle = self._plan_status == "planned" and not self._workers_idle()
         planned = planned and not waiting_idle
         states = list(self.model_states.values())
-        # Plain Python lists, one tensor at the end: this runs every step.
-        flags = [[0] * s.model.num_moe_layers for s in states]
+        staged_by_model: list[tuple[int, ...]] = []
         error = self._local_error is not None
         staged_any = False
-        for state, flag in zip(states, flags, strict=True):
+        for state in states:
             worker = state.worker
+            staged_by_model.append(())
             if worker is None:
                 continue
             # An error before this job was submitted belongs to an aborted job.
@@ -612,20 +613,26 @@ class EplbState:
                     self._local_error = f"staging worker failed: {worker.error}"
                     self._local_exc = worker.error
             staged = [i for i in worker.staged_layers() if i in state.pending_layers]
-            for layer in staged:
-                flag[layer] = 1
-                staged_any = True
+            staged_by_model[-1] = tuple(staged)
+            staged_any = staged_any or bool(staged)
         busy = any(s.pending_layers for s in states) or waiting_idle
         if staged_any or not busy:
             self._last_progress = time.monotonic()
         elif time.monotonic() - self._last_progress > self.config.timeout_s:
             error = True
             self._local_error = self._local_error or self._stall_cause()
-        dead = int(self._dead_worker() is not None)
-        payload = [int(error), int(planned), int(skip), dead]
-        for flag in flags:
-            payload += flag
+        report = ReadyReport(
+            error=error,
+            planned=planned,
+            skip=skip,
+            dead=self._dead_worker() is not None,
+            staged=tuple(staged_by_model),
+        )
+        payload = encode_ready(report, self._layers_per_model())
         self._launch("ready", torch.tensor(payload, dtype=torch.int64), self._epoch)
+
+    def _layers_per_model(self) -> list[int]:
+        return [s.model.num_moe_layers for s in self.model_states.values()]
 
     def _stall_cause(self) -> str:
         """Why this rank gives up waiting; names the ranks its transfers wait for."""
@@ -645,19 +652,20 @@ class EplbState:
     def _on_ready_vote(self, result: VoteResult) -> None:
         if result.context != self._epoch or self._phase != "active":
             return
-        total, world = result.total, self.ep.world_size
-        if int(total[_DEAD]) > 0:
-            self._disable(int(total[_DEAD]))
+        tally = decode_ready(result.total, self._layers_per_model())
+        world = self.ep.world_size
+        if tally.dead > 0:
+            self._disable(tally.dead)
             return
-        if int(total[_ERROR]) > 0:
+        if tally.errors > 0:
             self._abort(
-                self._local_error or f"{int(total[_ERROR])} other rank(s) failed",
+                self._local_error or f"{tally.errors} other rank(s) failed",
                 local=self._local_error is not None,
             )
             return
-        if int(total[_PLANNED]) < world:
+        if tally.planned < world:
             return
-        skips = int(total[_SKIP])
+        skips = tally.skips
         if skips == world:
             self._finish_skip()
             return
@@ -667,27 +675,27 @@ class EplbState:
         if self._plan_status == "planned":
             self._submit(self._plans)
             self._plan_status = "submitted"
-        self._commit_ready(total[_HEADER:])
+        self._commit_ready(tally)
 
-    def _commit_ready(self, staged_counts: torch.Tensor) -> None:
+    def _commit_ready(self, tally: ReadyTally) -> None:
         budget = self.config.layers_per_step
-        offset = 0
         world = self.ep.world_size
-        for state in self.model_states.values():
-            num_layers = state.model.num_moe_layers
-            counts = staged_counts[offset : offset + num_layers]
-            offset += num_layers
+        for index, state in enumerate(self.model_states.values()):
+            everywhere = set(tally.staged_everywhere(index, world))
             committed = False
             for layer in list(state.pending_layers):
                 if budget == 0:
                     break
-                if int(counts[layer]) != world:
+                if layer not in everywhere:
                     continue
                 committed = True
                 assert state.plan is not None
                 start = time.perf_counter()
                 state.worker.commit_layer(layer, state.maps)
                 elapsed = time.perf_counter() - start
+                self.replica_check.committed(
+                    state, layer, state.plan.plans[layer], self.ep.rank
+                )
                 keep_recent(self.counters.commit_seconds, [elapsed])
                 self.counters.layers_committed += 1
                 state.pending_layers.remove(layer)
@@ -824,13 +832,11 @@ class EplbState:
             return
         if int(result.total[0]) < self.ep.world_size:
             return  # some rank's worker is still inside a transfer
-        if not self._spare_groups:
+        if not self._groups.replace():
             self._turn_off(
                 "no spare staging group left after repeated transfer failures"
             )
             return
-        self._retired_groups.append(self._staging_group)
-        self._staging_group = self._spare_groups.pop(0)
         self._staging_thread = None  # the old one has stopped: a fresh one
         for state in self.model_states.values():
             state.transport = self._new_transport(state)
@@ -925,6 +931,7 @@ class EplbState:
         self._backend.synchronize()
         keep_recent(self.counters.commit_seconds, [time.perf_counter() - start])
         self.counters.layers_committed += 1
+        self.replica_check.committed(state, layer, plan, self.ep.rank)
 
     def _profile_transfer(self) -> None:
         """Move a worst-case layer into the staging buffer (no commit).
@@ -1058,10 +1065,7 @@ class EplbState:
         Votes still in flight are waited for first (every rank launched them,
         within the vote timeout); a group with a stuck vote is left alone.
         """
-        groups = [*self._spare_groups]
-        if not keep_staging:
-            groups += [self._staging_group, *self._retired_groups]
-            self._retired_groups = []
+        groups = self._groups.release(keep_in_use=keep_staging)
         if self._vote is not None:
             try:
                 self._vote.drain()
@@ -1069,8 +1073,6 @@ class EplbState:
             except VoteError as exc:
                 logger.warning("async EPLB: vote group left open at shutdown: %s", exc)
         self._vote = None
-        self._staging_group = None
-        self._spare_groups = []
         if not dist.is_initialized():
             return  # the world (and every group in it) is already gone
         for group in groups:
