@@ -11,16 +11,13 @@ and in every rank process:
 - logs, with the same clock, what the helper threads did: the staging
   worker's layers (``StagingWorker._stage``), the transport's job start
   (``prepare_job``), each layer's transfer (``stage_layer``), and the
-  planner (``EplbState._compute_plans``).
-
+  planner (``EplbState._compute_plans``);
 - times, per step, the main-thread calls of the step's parts (votes,
   commits, load window), wall and CPU, without cProfile (``--timers-only``
   leaves cProfile out: on Python 3.12 it sees every thread's calls and slows
-  them all).
+  them all); ``--plain`` keeps only each step's wall and CPU time (for
+  figures: no profiler, no timers).
 
-``--warm-load-window`` applies, in the rank processes, the start-up fix this
-benchmark found for the first rebalance's stall: the load window's fold run
-once at the end of the profile run (see ``warm_up_first_rebalance``).
 ``--switch-interval-ms X`` sets Python's GIL switch interval in the ranks.
 ``--gpu-forward-ms X`` makes each decode step a decode-sized stand-in: after
 the toy forward, the device is kept busy for X ms and the main thread waits
@@ -51,7 +48,7 @@ from typing import Any
 
 _OUT_ENV = "EPLB_PROFILE_OUT"
 _SLOW_ENV = "EPLB_PROFILE_SLOW_MS"
-_MODE_ENV = "EPLB_PROFILE_MODE"  # comma-separated: timers-only, warm-load-window
+_MODE_ENV = "EPLB_PROFILE_MODE"  # comma-separated flags: timers-only, plain
 _SWITCH_ENV = "EPLB_PROFILE_SWITCH_MS"
 _FORWARD_ENV = "EPLB_PROFILE_GPU_FORWARD_MS"
 # Main-thread parts of a step, timed per step: (module, class, method).
@@ -136,7 +133,8 @@ def _install(recorder: _Recorder) -> None:
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("is_profile") or (len(args) > 1 and args[1]):
             return original_step(self, *args, **kwargs)
-        profile = None if "timers-only" in recorder.modes else cProfile.Profile()
+        quiet = recorder.modes & {"timers-only", "plain"}
+        profile = None if quiet else cProfile.Profile()
         recorder.parts = {}
         cpu0, t0 = time.thread_time(), time.perf_counter()
         if profile is not None:
@@ -180,26 +178,17 @@ def _install(recorder: _Recorder) -> None:
 
     import importlib
 
-    for module, cls_name, name in _PARTS:
-        cls = getattr(importlib.import_module(f"{_PKG}.{module}"), cls_name)
-        _time_part(recorder, cls, name)
-    if "warm-load-window" in recorder.modes:
-        original_profile = eplb_state.EplbState._profile_transfer
-
-        @functools.wraps(original_profile)
-        def profile_transfer(self: Any) -> None:
-            original_profile(self)
-            warm_up_first_rebalance(self)
-
-        eplb_state.EplbState._profile_transfer = profile_transfer  # type: ignore[method-assign]
-
-    timed(worker.StagingWorker, "_stage")
-    timed(worker.StagingWorker, "commit_layer")
-    timed(eplb_state.EplbState, "_compute_plans")
-    for sub in _transport_classes(Transport):
-        for name in ("prepare_job", "stage_layer"):
-            if name in vars(sub):
-                timed(sub, name)
+    if "plain" not in recorder.modes:
+        for module, cls_name, name in _PARTS:
+            cls = getattr(importlib.import_module(f"{_PKG}.{module}"), cls_name)
+            _time_part(recorder, cls, name)
+        timed(worker.StagingWorker, "_stage")
+        timed(worker.StagingWorker, "commit_layer")
+        timed(eplb_state.EplbState, "_compute_plans")
+        for sub in _transport_classes(Transport):
+            for name in ("prepare_job", "stage_layer"):
+                if name in vars(sub):
+                    timed(sub, name)
 
     original_shutdown = eplb_state.EplbState.shutdown
 
@@ -214,24 +203,6 @@ def _install(recorder: _Recorder) -> None:
 
 
 _PKG = "vllm.distributed.async_eplb"
-
-
-def warm_up_first_rebalance(eplb: Any) -> None:
-    """The proposed fix, as the profile run would call it (see RESULTS.md).
-
-    The first rebalance folds the load window (``LoadWindow.total()``) on the
-    main thread; the first launch of each of its kernels loads that kernel
-    (CUDA lazy loading), 40-55 ms of host time on the H200s. The profile
-    run's window is empty (its fold launches nothing), so a throw-away
-    window of one recorded step runs the same kernels.
-    """
-    from vllm.distributed.async_eplb.load_stats import LoadWindow
-
-    for state in eplb.model_states.values():
-        scratch = LoadWindow(1, state.maps.phy2log, state.model.num_logical_experts)
-        scratch.record(state.expert_load_pass)
-        scratch.total()
-    eplb._backend.synchronize()
 
 
 def _gpu_forward(ms: float) -> None:
@@ -378,9 +349,8 @@ def main() -> int:
         return 2
     os.environ[_OUT_ENV] = str(out_dir)
     os.environ[_SLOW_ENV] = str(slow_ms)
-    os.environ[_MODE_ENV] = ",".join(
-        m for m in ("timers-only", "warm-load-window") if f"--{m}" in own
-    )
+    flags = ("timers-only", "plain")
+    os.environ[_MODE_ENV] = ",".join(m for m in flags if f"--{m}" in own)
     for flag, env in (
         ("--switch-interval-ms", _SWITCH_ENV),
         ("--gpu-forward-ms", _FORWARD_ENV),

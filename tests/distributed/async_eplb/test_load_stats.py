@@ -46,6 +46,32 @@ def test_window_is_a_ring_of_the_last_steps() -> None:
     assert len(window._placements) == 2  # the unreferenced first map is dropped
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_window_total_matches_a_fold_per_recorded_step(seed: int) -> None:
+    """Many commits inside the window, several layers: same as folding each
+    step in the window with the placement it was recorded under."""
+    gen = torch.Generator().manual_seed(seed)
+    layers, slots, experts, size = 3, 8, 5, 6
+    placement = torch.randint(experts, (layers, slots), generator=gen)
+    window = LoadWindow(size, placement, num_logical_experts=experts)
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for _ in range(int(torch.randint(1, 20, (), generator=gen))):
+        if torch.rand((), generator=gen) < 0.4:  # a commit changes the placement
+            placement = torch.randint(experts, (layers, slots), generator=gen)
+            window.placement_changed(placement)
+        load = torch.randint(0, 50, (layers, slots), dtype=torch.int32, generator=gen)
+        window.record(load)
+        history.append((load, placement))
+    expected = sum(fold_to_logical(load, p, experts) for load, p in history[-size:])
+    assert torch.equal(window.total(), expected)
+    assert window.total().dtype == torch.int64
+
+
+def test_empty_window_totals_zero() -> None:
+    window = LoadWindow(4, torch.tensor([[0, 1, 1]]), num_logical_experts=2)
+    assert window.total().tolist() == [[0, 0]]
+
+
 def test_balancedness_is_vllm_sum_of_means_over_sum_of_maxes() -> None:
     rank_tokens = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
     avg, peak, value = balancedness(rank_tokens)
