@@ -13,6 +13,7 @@ Every transport also performs the plan's local copies and duplicates, so after
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -51,6 +52,16 @@ def _never() -> bool:
     return False
 
 
+_ABANDONED_LOCK = threading.Lock()
+
+
+def _still_running(item: Any) -> bool:
+    """A waiter thread that has not ended, or a work not completed."""
+    if isinstance(item, threading.Thread):
+        return item.is_alive()
+    return not item.is_completed()
+
+
 class Transport(ABC):
     name: ClassVar[str]
     should_abort: Callable[[], bool] = staticmethod(_never)
@@ -67,6 +78,29 @@ class Transport(ABC):
     def _set_waiting_on(self, peers: Sequence[int]) -> None:
         self._waiting_on = tuple(peers)
 
+    def _abandon(self, items: Sequence[Any]) -> None:
+        """Keep what a wait gave up on: works, or a gloo waiter thread."""
+        with _ABANDONED_LOCK:
+            self.__dict__.setdefault("_abandoned", []).extend(items)
+
+    def in_flight(self) -> int:
+        """Transfers this transport gave up on that are still running.
+
+        An abandoned receive may still land in the staging buffer it was
+        posted on (every backend: gloo's waiter threads, NCCL/HCCL works), so
+        no new job may stage into that buffer before this is 0.
+        """
+        with _ABANDONED_LOCK:
+            left = [x for x in self.__dict__.get("_abandoned", ()) if _still_running(x)]
+            self.__dict__["_abandoned"] = left
+            return len(left)
+
+    def helper_threads(self) -> list[threading.Thread]:
+        """This transport's waiter threads still running (for shutdown)."""
+        with _ABANDONED_LOCK:
+            items = self.__dict__.get("_abandoned", ())
+        return [x for x in items if isinstance(x, threading.Thread) and x.is_alive()]
+
     def _wait(
         self, works: Sequence[Any], peers: Sequence[Sequence[int]], *, pollable: bool
     ) -> None:
@@ -81,6 +115,7 @@ class Transport(ABC):
             self.should_abort,
             pollable=pollable,
             progress=self._set_waiting_on,
+            abandon=self._abandon,
         )
 
     def set_abort_check(self, check: Callable[[], bool]) -> None:

@@ -11,6 +11,7 @@ everywhere (the agreement guarantees it). Cross-node receives go through a
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,6 +88,12 @@ class IpcTransport(Transport):
 
     def waiting_for(self) -> tuple[int, ...]:
         return tuple(sorted({*super().waiting_for(), *self.cross_node.waiting_for()}))
+
+    def in_flight(self) -> int:
+        return super().in_flight() + self.cross_node.in_flight()
+
+    def helper_threads(self) -> list[threading.Thread]:
+        return super().helper_threads() + self.cross_node.helper_threads()
 
     def prepare_job(self, job_id: int | None = None) -> None:
         """Wait until every peer's weights are final before pulling from them.

@@ -220,6 +220,7 @@ def _wait_gloo(
     deadline: float,
     should_abort: Callable[[], bool],
     progress: Callable[[Sequence[int]], None],
+    abandon: Callable[[Sequence[Any]], None],
 ) -> None:
     """gloo works: one bounded ``wait`` each, on a helper thread.
 
@@ -237,6 +238,7 @@ def _wait_gloo(
         progress,
         deadline=None,  # the waits themselves end by the deadline
         track=True,
+        abandon=abandon,
     )
 
 
@@ -248,13 +250,14 @@ def _wait_on_thread(
     *,
     deadline: float | None,
     track: bool,
+    abandon: Callable[[Sequence[Any]], None],
 ) -> None:
     """Run the blocking ``block`` on a daemon thread; return when it ends.
 
     Joining wakes the caller as soon as the thread ends (no polling), while
     ``should_abort`` is checked every few milliseconds and ``deadline`` (when
-    given) is enforced here, leaving the thread behind. ``track``: the thread
-    counts in :func:`transfers_in_flight` until it ends.
+    given) is enforced here, leaving the thread behind, handed to ``abandon``.
+    ``track``: the thread counts in :func:`transfers_in_flight` until it ends.
     """
     failure: list[BaseException] = []
 
@@ -273,12 +276,16 @@ def _wait_on_thread(
         with _waiters_lock:
             _waiters.add(waiter)
     waiter.start()
-    while waiter.is_alive():
-        waiter.join(_ABORT_POLL_S)  # returns as soon as the wait is done
-        if waiter.is_alive():
-            _raise_if_aborted(should_abort, peers)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TransferError(f"timed out waiting for ranks {peers}", peers)
+    try:
+        while waiter.is_alive():
+            waiter.join(_ABORT_POLL_S)  # returns as soon as the wait is done
+            if waiter.is_alive():
+                _raise_if_aborted(should_abort, peers)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TransferError(f"timed out waiting for ranks {peers}", peers)
+    except TransferError:
+        abandon([waiter])
+        raise
     if failure:
         raise failure[0]
 
@@ -290,6 +297,7 @@ def wait_on_device(
     timeout: float,
     should_abort: Callable[[], bool],
     progress: Callable[[Sequence[int]], None] = lambda peers: None,
+    abandon: Callable[[Sequence[Any]], None] = lambda items: None,
 ) -> None:
     """Device-collective works (NCCL, HCCL): wait without polling.
 
@@ -298,8 +306,10 @@ def wait_on_device(
     them, with the GIL released, so the caller wakes as soon as the bytes
     have landed, and gives up on abort or after ``timeout``. Polling instead
     either sees the end late or wakes often, each wake-up taking the GIL from
-    the forward's thread. A helper left blocked by an abort is not counted
-    in :func:`transfers_in_flight` (it may never end; the group is replaced).
+    the forward's thread. On abort or timeout the works still running are
+    handed to ``abandon`` (their receives may still land; the transport
+    counts them until they complete). The helper is not counted in
+    :func:`transfers_in_flight`.
     """
     if not works:
         return
@@ -319,6 +329,7 @@ def wait_on_device(
             progress,
             deadline=deadline,
             track=False,
+            abandon=lambda _: abandon(list(works)),
         )
     finally:
         progress(())
@@ -332,6 +343,7 @@ def wait_works(
     *,
     pollable: bool = True,
     progress: Callable[[Sequence[int]], None] = lambda peers: None,
+    abandon: Callable[[Sequence[Any]], None] = lambda items: None,
 ) -> None:
     """Wait for every work, never longer than ``timeout``; errors name peers.
 
@@ -340,22 +352,26 @@ def wait_works(
     HCCL) are polled (:func:`wait_on_device` waits for them without polling);
     gloo's are waited for on a helper thread (see ``_wait_gloo``).
     ``progress`` is told the peers still waited for as they change (from the
-    helper thread for gloo); ``()`` once the wait ends.
+    helper thread for gloo); ``()`` once the wait ends. What it gives up on,
+    works still running or gloo's helper thread, goes to ``abandon``.
     """
     deadline = time.monotonic() + timeout
     if not works:
         return
-    _raise_if_aborted(should_abort, _peers_of(peers))
-    if pollable:
-        try:
-            _poll_works(works, peers, deadline, timeout, should_abort, progress)
-            _wait_each(works, peers, deadline, progress)
-        finally:
-            progress(())
-    else:
+    if not pollable:
         # An abandoned gloo wait goes on on its helper thread and reports
         # ``()`` when it ends, not here.
-        _wait_gloo(works, peers, deadline, should_abort, progress)
+        _wait_gloo(works, peers, deadline, should_abort, progress, abandon)
+        return
+    try:
+        _raise_if_aborted(should_abort, _peers_of(peers))
+        _poll_works(works, peers, deadline, timeout, should_abort, progress)
+        _wait_each(works, peers, deadline, progress)
+    except TransferError:
+        abandon(list(works))  # the transport counts those not completed
+        raise
+    finally:
+        progress(())
 
 
 class P2PTransport(Transport):
@@ -521,6 +537,7 @@ class P2PTransport(Transport):
             self.timeout,
             self.should_abort,
             progress=self._set_waiting_on,
+            abandon=self._abandon,
         )
 
     @property
