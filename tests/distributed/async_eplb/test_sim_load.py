@@ -100,7 +100,7 @@ def test_read_trace_errors_name_the_file(tmp_path):
         read_trace(bad)
     text = tmp_path / "t.csv"
     text.write_text("1,2\n")
-    with pytest.raises(ValueError, match=r"t\.csv must be a \.npz or \.npy"):
+    with pytest.raises(ValueError, match=r"t\.csv must be a \.npz, \.npy"):
         read_trace(text)
     mixed = tmp_path / "mixed.npz"
     np.savez(mixed, a=np.ones((2, 3, 4)), b=np.ones((2, 3, 5)))

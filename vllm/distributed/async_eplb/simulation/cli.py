@@ -134,6 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="expert-load trace (.npz/.npy, [windows, layers, experts]) to replay",
     )
+    add(
+        "--record",
+        default=None,
+        metavar="PATH",
+        help="write the expert load (.npz, replayable with --trace) at every "
+        "rebalance and at the end, as VLLM_ASYNC_EPLB_RECORD does",
+    )
+    add(
+        "--init-placement",
+        default=None,
+        metavar="PATH",
+        help="start from this placement or load file (our recording, SGLang's "
+        "logical_count / physical_to_logical_map), as "
+        "VLLM_ASYNC_EPLB_INIT_PLACEMENT does",
+    )
     add("--seed", type=int, default=defaults.seed, help="seed of load and weights")
     add(
         "--device",
@@ -162,6 +177,8 @@ def _config(args: argparse.Namespace) -> SimConfig:
         mode=args.mode,
         load=args.load,
         trace=args.trace,
+        record=args.record,
+        init_placement=args.init_placement,
         seed=args.seed,
         device=args.device,
         out=args.out,
@@ -251,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(summary))
     print(f"run time {result.wall_seconds:.1f} s (start-up of the ranks included)")
     print(f"report: {out / 'report.json'}")
+    if config.record is not None:
+        print(f"recording: {config.record} (replay it with --trace)")
     if write_plot(out / "plot.png", result):
         print(f"plot: {out / 'plot.png'}")
     else:

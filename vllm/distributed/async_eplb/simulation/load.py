@@ -15,6 +15,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from vllm.distributed.async_eplb.placement_files import (
+    PlacementFileError,
+    read_load_trace,
+)
+
 __all__ = [
     "SHIPPED_TRACE",
     "LoadSource",
@@ -115,37 +120,21 @@ class SyntheticLoad:
 
 
 def read_trace(path: str | Path) -> np.ndarray:
-    """A load trace ``[windows, layers, experts]`` from ``.npz`` or ``.npy``.
+    """A load trace ``[windows, layers, experts]`` from any file with load.
 
-    An ``.npz`` holds one or more such arrays (e.g. one per task); they are
-    concatenated over windows in file order. ``[windows, experts]`` is read as
-    one layer. Raises ValueError naming the file and what is wrong with it.
+    ``.npz`` / ``.npy`` traces (an ``.npz`` of several arrays, e.g. one per
+    task, is concatenated over windows in file order; ``[windows, experts]``
+    is one layer), our recordings (``VLLM_ASYNC_EPLB_RECORD``, ``--record``)
+    and SGLang's ``logical_count`` files (``.pt`` / ``.json``): see
+    ``placement_files``. Raises ValueError naming the file and what is wrong.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"trace file not found: {path}")
-    if path.suffix == ".npz":
-        with np.load(path) as archive:
-            arrays = [archive[name] for name in archive.files]
-        if not arrays:
-            raise ValueError(f"trace {path} holds no arrays")
-    elif path.suffix == ".npy":
-        arrays = [np.load(path)]
-    else:
-        raise ValueError(f"trace {path} must be a .npz or .npy file")
-    arrays = [a[:, None, :] if a.ndim == 2 else a for a in arrays]
-    shapes = {a.shape[1:] for a in arrays}
-    if any(a.ndim != 3 for a in arrays) or len(shapes) != 1:
-        raise ValueError(
-            f"trace {path} must hold arrays [windows, layers, experts] of one "
-            f"geometry, got shapes {[a.shape for a in arrays]}"
-        )
-    trace = np.concatenate(arrays).astype(np.float64)
-    if not np.isfinite(trace).all() or (trace < 0).any():
-        raise ValueError(f"trace {path} has negative or non-finite loads")
-    if (trace.sum(axis=-1) <= 0).any():
-        raise ValueError(f"trace {path} has a window whose layer has no load")
-    return trace
+    try:
+        return read_load_trace(path)
+    except PlacementFileError as exc:
+        raise ValueError(f"trace {exc}") from None
 
 
 def map_trace_geometry(

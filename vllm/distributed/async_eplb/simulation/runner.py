@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from vllm.distributed.async_eplb.config import POLICIES, AsyncEplbConfig
 from vllm.distributed.async_eplb.load_stats import balancedness, tokens_per_rank
+from vllm.distributed.async_eplb.placement_files import read_placement_file
 from vllm.distributed.async_eplb.simulation.load import (
     SHIPPED_TRACE,
     LoadSource,
@@ -62,6 +63,8 @@ class SimConfig:
     seed: int = 0
     device: str = "cpu"
     out: str = "eplb-sim-out"
+    record: str | None = None
+    init_placement: str | None = None
 
     @property
     def model(self) -> ModelPreset:
@@ -121,6 +124,10 @@ class SimConfig:
             raise ValueError(f"--load must be one of {LOADS}, got {self.load!r}")
         if self.uses_trace():
             read_trace(self.trace_path)  # missing or malformed trace
+        if self.record is not None and not Path(self.record).parent.is_dir():
+            raise ValueError(f"--record {self.record}: its directory does not exist")
+        if self.init_placement is not None:
+            read_placement_file(self.init_placement)  # checked again per rank
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda":
@@ -134,10 +141,15 @@ class SimConfig:
                 )
 
     def eplb_knobs(self) -> AsyncEplbConfig:
-        """``VLLM_ASYNC_EPLB_*`` as a server reads them; --policy and
-        --transport take precedence."""
+        """``VLLM_ASYNC_EPLB_*`` as a server reads them; --policy,
+        --transport, --record and --init-placement take precedence."""
+        env = AsyncEplbConfig.from_env()
         return dataclasses.replace(
-            AsyncEplbConfig.from_env(), policy=self.policy, transport=self.transport
+            env,
+            policy=self.policy,
+            transport=self.transport,
+            record=self.record or env.record,
+            init_placement=self.init_placement or env.init_placement,
         )
 
     def to_json(self) -> dict[str, Any]:
