@@ -210,6 +210,7 @@ class StagingThread:
                         self.queue.popleft()
                         continue
                 self.cond.wait()
+            self.queue.clear()  # nothing more is staged: free the jobs' buffers
             return None
 
 
