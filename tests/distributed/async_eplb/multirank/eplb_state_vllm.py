@@ -18,7 +18,10 @@ from vllm.distributed.parallel_state import (
     init_distributed_environment,
     initialize_model_parallel,
 )
-from vllm.model_executor.models.interfaces import is_mixture_of_experts
+from vllm.model_executor.models.interfaces import (
+    MixtureOfExperts,
+    is_mixture_of_experts,
+)
 
 from vllm.distributed.async_eplb.config import AsyncEplbConfig
 from vllm.distributed.async_eplb.eplb_state import EplbState
@@ -34,15 +37,33 @@ class ModelConfigStub:
         return "toy-vllm-hash"
 
 
+class VllmToyMoE(ToyMoE, MixtureOfExperts):
+    """The toy declared a ``MixtureOfExperts``, as vLLM's model classes are:
+    vLLM's check then holds before ``set_eplb_state`` creates ``expert_weights``."""
+
+
 def attach_layer_states(model: ToyMoE) -> None:
     """Give each toy layer a real vLLM ``EplbLayerState``, as FusedMoE has."""
     for layer in model.moe_layers:
         layer.eplb_state = EplbLayerState()
         plain = layer.set_eplb_state
 
-        def set_state(idx, load, log2phy, logcnt, layer=layer, plain=plain):
-            plain(idx, load, log2phy, logcnt)
-            layer.eplb_state.set_layer_state(idx, load, log2phy, logcnt)
+        def set_state(
+            moe_layer_idx,
+            expert_load_view,
+            logical_to_physical_map,
+            logical_replica_count,
+            layer=layer,
+            plain=plain,
+        ):
+            args = (
+                moe_layer_idx,
+                expert_load_view,
+                logical_to_physical_map,
+                logical_replica_count,
+            )
+            plain(*args)
+            layer.eplb_state.set_layer_state(*args)
 
         layer.set_eplb_state = set_state
 
@@ -64,9 +85,10 @@ def main() -> None:
     parallel_config.enable_eplb = True
     assert get_ep_group().world_size == world
 
-    model = ToyMoE(2, 8, 2, world, rank, hidden_size=8, top_k=2)
+    model = VllmToyMoE(2, 8, 2, world, rank, hidden_size=8, top_k=2)
     attach_layer_states(model)
     assert is_mixture_of_experts(model)
+    assert not hasattr(model, "expert_weights")  # until set_eplb_state
     state = EplbState(
         parallel_config, torch.device("cpu"), config=AsyncEplbConfig(min_gain=0.0)
     )
