@@ -237,3 +237,15 @@ def test_config_knobs_from_env() -> None:
     assert defaults.heal_replicas is True and defaults.check_after_rebalance is None
     with pytest.raises(ValueError, match="VLLM_ASYNC_EPLB_HEAL_REPLICAS='maybe'"):
         AsyncEplbConfig.from_env({"VLLM_ASYNC_EPLB_HEAL_REPLICAS": "maybe"})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_digests_equal_host_digests() -> None:
+    """Ranks compare digests computed on their devices with each other and
+    with start-up digests: the same bytes must give the same integers on the
+    GPU as on the host (integer sums wrap the same way in any order)."""
+    layer = _layer(num_slots=9)
+    layer.append(torch.randint(0, 256, (9, 3 * 4096 + 5), dtype=torch.uint8))
+    on_device = slot_digests([t.cuda() for t in layer], chunk_elements=9 * 4096)
+    assert torch.equal(on_device.cpu(), slot_digests(layer))

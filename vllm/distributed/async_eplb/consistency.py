@@ -48,8 +48,11 @@ __all__ = [
 
 _BLOCK = 4096
 """Words per block of the two-level multipliers (``a`` has this many)."""
-CHUNK_ELEMENTS = 1 << 22
-"""Words multiplied at once: bounds the temporary int64 memory (32 MiB x 2)."""
+CHUNK_ELEMENTS = 1 << 24
+"""Words digested per kernel: bounds the temporary int64 memory (128 MiB).
+
+Kernel launches dominate below this: on an H200, a DeepSeek-V3 rank's 23 GB
+digest in 0.151 s with 2**22 words, 0.068 s with 2**24, 0.063 s with 2**25."""
 _MASK = (1 << 64) - 1
 
 
