@@ -215,6 +215,8 @@ def _bad_files(tmp_path: Path) -> list[tuple[Path, str]]:
             "was recorded for model 'another-model', this model is 'toy'",
         ),
     ]
+    deep = _json(tmp_path, {"logical_count": [[[[[1]]]]]}, "deep.json")
+    cases.append((deep, "nested deeper than 3"))
     nan = tmp_path / "nan.json"
     nan.write_text('{"logical_count": [[NaN, 1, 1, 1], [1, 1, 1, 1]]}')
     cases.append((nan, "NaN"))

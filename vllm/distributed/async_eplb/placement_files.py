@@ -55,6 +55,8 @@ RECORDING_FORMAT = "async_eplb.load_recording"
 META_KEY = "async_eplb_meta"
 MAX_FILE_BYTES = 1 << 30
 """Largest file read (1 GiB): a DeepSeek-V3 recording of 256 windows is 30 MB."""
+MAX_JSON_BYTES = 1 << 26
+"""Largest JSON read (64 MiB): parsed JSON takes about ten times its size."""
 MAX_ELEMENTS = 1 << 27
 """Most numbers one file may hold (134 M), checked before allocating them."""
 _MAX_DEPTH = 8
@@ -198,8 +200,10 @@ def _read_pt(path: Path) -> Any:
     return data
 
 
-def _json_shape(path: Path, value: Any, where: str) -> tuple[int, ...]:
+def _json_shape(path: Path, value: Any, where: str, depth: int = 0) -> tuple[int, ...]:
     """Shape of a rectangular nested list of numbers, checked element by element."""
+    if depth > 3:
+        raise _fail(path, f"is refused: {where} is nested deeper than 3 dimensions")
     if isinstance(value, bool) or not isinstance(value, (list, int, float)):
         raise _fail(
             path, f"is refused: {where} is a {type(value).__name__}, not a number"
@@ -208,7 +212,10 @@ def _json_shape(path: Path, value: Any, where: str) -> tuple[int, ...]:
         return ()
     if not value:
         return (0,)
-    shapes = {_json_shape(path, item, f"{where}[{i}]") for i, item in enumerate(value)}
+    shapes = {
+        _json_shape(path, item, f"{where}[{i}]", depth + 1)
+        for i, item in enumerate(value)
+    }
     if len(shapes) != 1:
         raise _fail(
             path, f"is refused: {where} is ragged (rows of shapes {sorted(shapes)})"
@@ -220,6 +227,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     def refuse_constant(name: str) -> None:
         raise _fail(path, f"holds {name}, not a finite number")
 
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise _fail(path, f"is {size} bytes, more than the {MAX_JSON_BYTES} read")
     try:
         data = json.loads(path.read_bytes(), parse_constant=refuse_constant)
     except PlacementFileError:
