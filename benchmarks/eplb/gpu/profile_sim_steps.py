@@ -164,7 +164,10 @@ def _install(recorder: _Recorder) -> None:
     eplb_state.EplbState.step = step  # type: ignore[method-assign]
 
     def timed(cls: Any, name: str) -> None:
-        original = getattr(cls, name)
+        original = getattr(cls, name, None)
+        if original is None:  # not in this version of the code
+            print(f"profile_sim_steps: no {cls.__name__}.{name}", file=sys.stderr)
+            return
 
         @functools.wraps(original)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -231,7 +234,10 @@ def _gpu_forward(ms: float) -> None:
 
 def _time_part(recorder: _Recorder, cls: Any, name: str) -> None:
     """Add this method's main-thread wall and CPU time to the step's parts."""
-    original = getattr(cls, name)
+    original = getattr(cls, name, None)
+    if original is None:  # not in this version of the code
+        print(f"profile_sim_steps: no {cls.__name__}.{name}", file=sys.stderr)
+        return
     key = f"{cls.__name__}.{name}"
 
     @functools.wraps(original)

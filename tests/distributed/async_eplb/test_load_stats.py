@@ -46,7 +46,7 @@ def test_window_is_a_ring_of_the_last_steps() -> None:
     assert len(window._placements) == 2  # the unreferenced first map is dropped
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(12))
 def test_window_total_matches_a_fold_per_recorded_step(seed: int) -> None:
     """Many commits inside the window, several layers: same as folding each
     step in the window with the placement it was recorded under."""
@@ -65,6 +65,17 @@ def test_window_total_matches_a_fold_per_recorded_step(seed: int) -> None:
     expected = sum(fold_to_logical(load, p, experts) for load, p in history[-size:])
     assert torch.equal(window.total(), expected)
     assert window.total().dtype == torch.int64
+
+
+@pytest.mark.parametrize("steps", [1, 3, 4, 9])  # part-filled, full, wrapped
+def test_window_total_under_one_placement(steps: int) -> None:
+    placement = torch.tensor([[0, 2, 1, 2], [1, 1, 0, 2]])
+    window = LoadWindow(4, placement, num_logical_experts=3)
+    loads = [torch.full((2, 4), i + 1) * torch.arange(1, 5) for i in range(steps)]
+    for load in loads:
+        window.record(load)
+    expected = fold_to_logical(sum(loads[-4:]), placement, 3)
+    assert torch.equal(window.total(), expected)
 
 
 def test_empty_window_totals_zero() -> None:

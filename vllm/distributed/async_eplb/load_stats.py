@@ -130,21 +130,20 @@ class LoadWindow:
         self._launch_fold_kernels()
 
     def _launch_fold_kernels(self) -> None:
-        """Fold the (zero) first slot once now, at start-up, and drop it.
+        """Run both folds once now, at start-up, and drop the result.
 
         The first launch of a kernel loads it (CUDA lazy loading): the fold's
         kernels cost 40-55 ms of host time on an H200 host the first time,
         which landed on the first rebalance's step.
         """
-        self._version_of_step[0] = 0
         scratch = torch.zeros(
             self._steps.shape[1],
             self.num_logical_experts,
             dtype=torch.int64,
             device=self._steps.device,
         )
-        self._fold_into(scratch, [0])
-        self._version_of_step[0] = -1
+        self._fold_one(scratch, self._placements[0])
+        self._fold_many(scratch, [0])
 
     @property
     def window_size(self) -> int:
@@ -172,10 +171,10 @@ class LoadWindow:
     def total(self) -> torch.Tensor:
         """Logical load summed over the window, ``[L, E]`` int64.
 
-        One fold for all placement versions together, a fixed handful of
-        device ops (runs on the engine's thread at each rebalance; a fold per
-        version grew with the commits inside the window: ~0.15 ms each on an
-        H200 host).
+        A fixed handful of device ops whatever the number of placement
+        versions in the window (it runs on the engine's thread at each
+        rebalance; a fold per version grew with the commits inside the
+        window, ~0.15 ms each on an H200 host).
         """
         num_layers = self._steps.shape[1]
         device = self._steps.device
@@ -188,14 +187,29 @@ class LoadWindow:
         return out
 
     def _fold_into(self, out: torch.Tensor, recorded: list[int]) -> None:
-        """Add the ``recorded`` steps, each under its own placement, to ``out``."""
+        """Add the window's steps, each under its own placement, to ``out``.
+
+        A slot never written holds zeros, so the whole ring is folded (no
+        gather of the recorded rows) and such a slot may take any placement.
+        """
         versions = sorted({self._version_of_step[i] for i in recorded})
+        if len(versions) == 1:
+            self._fold_one(out, self._placements[versions[0]])
+        else:
+            self._fold_many(out, versions)
+
+    def _fold_one(self, out: torch.Tensor, placement: torch.Tensor) -> None:
+        """One placement over the window (the usual case once a rebalance's
+        commits have left it): sum the steps, then fold once; 2 device ops."""
+        out.scatter_add_(1, placement.to(torch.int64), self._steps.sum(dim=0))
+
+    def _fold_many(self, out: torch.Tensor, versions: list[int]) -> None:
+        """Several placements: one flat scatter of every step and slot."""
         index_of = {v: k for k, v in enumerate(versions)}
-        which = [index_of[self._version_of_step[i]] for i in recorded]
-        rows, maps_of_rows = torch.tensor([recorded, which], device=out.device)
+        which = [index_of.get(v, 0) for v in self._version_of_step]
         maps = torch.stack([self._placements[v] for v in versions])
-        # flat index layer * E + logical expert, per recorded step and slot
-        logical = maps.index_select(0, maps_of_rows).to(torch.int64)
+        index = torch.tensor(which, device=out.device)
+        # flat index layer * E + logical expert, per step and slot
+        logical = maps.index_select(0, index).to(torch.int64)
         logical += self._layer_offsets
-        physical = self._steps.index_select(0, rows)
-        out.view(-1).scatter_add_(0, logical.view(-1), physical.view(-1))
+        out.view(-1).scatter_add_(0, logical.view(-1), self._steps.view(-1))
