@@ -60,11 +60,13 @@ def test_sglang_json_logical_count_is_summed_over_passes(tmp_path, windows):
 def test_sglang_pt_stat_dump_with_dense_layers(tmp_path):
     """The stat recorder's dump: rank, logical_count [N, all layers, E], rate.
 
-    SGLang counts dense layers too: the leading layers without load are
-    dropped when the file has more layers than the model has MoE layers.
+    SGLang counts dense layers too (leading ones in DeepSeek, interleaved in
+    some models): layers without load are dropped when the file has more
+    layers than the model has MoE layers.
     """
     moe = torch.randint(1, 9, (5, LAYERS, EXPERTS), dtype=torch.int32)
-    count = torch.cat([torch.zeros(5, 3, EXPERTS, dtype=torch.int32), moe], dim=1)
+    dense = torch.zeros(5, 1, EXPERTS, dtype=torch.int32)
+    count = torch.cat([dense, dense, moe[:, :1], dense, moe[:, 1:]], dim=1)
     path = tmp_path / "expert_distribution_recorder_1.pt"
     torch.save(
         {
@@ -160,6 +162,10 @@ def test_load_files_are_placed_by_the_policy_from_the_initial_placement(tmp_path
 def _bad_files(tmp_path: Path) -> list[tuple[Path, str]]:
     good_ranks = {"physical_to_logical_map": PLACEMENT}
     cases: list[tuple[Path, str]] = [
+        (
+            _json(tmp_path, {"physical_to_logical_map": PLACEMENT * 2}, "l4.json"),
+            "has 4 layers, the model has 2 (SGLang counts dense layers too",
+        ),
         (
             _json(tmp_path, {"physical_to_logical_map": PLACEMENT[:1]}, "l.json"),
             "has 1 layers, the model has 2",

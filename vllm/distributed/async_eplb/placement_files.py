@@ -16,7 +16,7 @@ simulator's ``--trace`` and any later caller (the fleet mode). It accepts:
   ``init_by_eplb``) and ``expert_distribution.py`` (the ``stat`` recorder dumps
   ``{"rank", "logical_count", "average_utilization_rate_over_window"}`` with
   ``torch.save``). SGLang counts every decoder layer, dense ones included,
-  so a ``logical_count`` may carry leading layers without any load.
+  so a ``logical_count`` may carry layers without any load (dense layers).
 
 Files are data, never code: ``.pt`` through ``torch.load(weights_only=True)``
 and then only plain tensors, lists, dicts, numbers and strings; ``.npz`` /
@@ -347,10 +347,9 @@ def read_placement_file(path: str | Path) -> PlacementSource:
 
 
 def _drop_dense_layers(load: np.ndarray) -> np.ndarray:
-    """Leading layers without any load: SGLang's dense layers (never routed)."""
+    """Drop layers without any load: SGLang's dense layers, never routed."""
     loaded = load.sum(axis=(0, 2)) > 0
-    first = int(np.argmax(loaded)) if loaded.any() else 0
-    return load[:, first:]
+    return load[:, loaded] if loaded.any() else load
 
 
 def read_load_trace(path: str | Path) -> np.ndarray:
@@ -390,7 +389,12 @@ def check_placement(source: PlacementSource, geometry: Geometry) -> torch.Tensor
     layers, slots = placement.shape
     g = geometry
     if layers != g.num_layers:
-        raise _fail(source.path, f"has {layers} layers, the model has {g.num_layers}")
+        hint = " (SGLang counts dense layers too: keep the MoE layers' rows)"
+        raise _fail(
+            source.path,
+            f"has {layers} layers, the model has {g.num_layers}"
+            + (hint if layers > g.num_layers else ""),
+        )
     if slots != g.num_physical_experts:
         raise _fail(
             source.path,
