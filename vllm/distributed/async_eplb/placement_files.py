@@ -54,7 +54,7 @@ __all__ = [
 RECORDING_FORMAT = "async_eplb.load_recording"
 META_KEY = "async_eplb_meta"
 MAX_FILE_BYTES = 1 << 30
-"""Largest file read (1 GiB): a DeepSeek-V3 recording of 256 windows is 30 MB."""
+"""Largest file read (1 GiB): a DeepSeek-V3 recording of 64 windows is 7.6 MB."""
 MAX_JSON_BYTES = 1 << 26
 """Largest JSON read (64 MiB): parsed JSON takes about ten times its size."""
 MAX_ELEMENTS = 1 << 27
