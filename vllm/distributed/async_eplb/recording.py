@@ -13,9 +13,9 @@ over every EP rank by the vote, to an ``.npz``:
   calls ``shutdown()``, so an ``atexit`` hook closes a pending recording).
 
 The caller (the planner thread in async mode) only appends references under a
-lock; a daemon thread converts
-and writes, each time to a temporary file in the same directory that then
-replaces ``PATH`` (``os.replace``): a reader never sees half a file. The load
+lock; a daemon thread converts and writes, each time to a temporary file in the
+same directory that then replaces ``PATH`` (``os.replace``): a reader never
+sees half a file. The load
 since the last rebalance is not in the file: summing it over ranks would need a
 collective, which neither ``shutdown()`` nor interpreter exit can run safely.
 """
