@@ -63,3 +63,18 @@ def test_plugin_switch(raw: str, expected: bool) -> None:
 def test_plugin_switch_rejects_garbage() -> None:
     with pytest.raises(ValueError, match="VLLM_ASYNC_EPLB='maybe'"):
         plugin_enabled({"VLLM_ASYNC_EPLB": "maybe"})
+
+
+def test_record_and_init_placement_paths() -> None:
+    config = AsyncEplbConfig.from_env(
+        {
+            "VLLM_ASYNC_EPLB_RECORD": " /data/load.npz ",
+            "VLLM_ASYNC_EPLB_INIT_PLACEMENT": "/data/p.json",
+        }
+    )
+    assert config.record == "/data/load.npz"
+    assert config.init_placement == "/data/p.json"
+    assert AsyncEplbConfig.from_env({}).record is None
+    for name in ("VLLM_ASYNC_EPLB_RECORD", "VLLM_ASYNC_EPLB_INIT_PLACEMENT"):
+        with pytest.raises(ValueError, match=f"{name}='' is empty"):
+            AsyncEplbConfig.from_env({name: "  "})
