@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from datetime import timedelta
 
 import pytest
+import torch
 
 from vllm.distributed.async_eplb.transports import TransferError, Transport
 
@@ -85,3 +87,184 @@ def test_a_transport_does_not_count_another_transports_receives() -> None:
     assert (mine.in_flight(), other.in_flight()) == (0, 1)
     late.done.set()
     _until(lambda: other.in_flight() == 0)
+
+
+# -- EplbState on one in-process gloo rank ---------------------------------------
+
+LAYERS, EXPERTS, REDUNDANT = 2, 8, 2
+TIMEOUT_S = 0.5
+
+
+class Records(logging.Handler):
+    """ERROR and WARNING records of the package (vLLM's logger may not
+    propagate to pytest's capture)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.texts.append(record.getMessage())
+
+
+@pytest.fixture
+def records():
+    handler = Records()
+    package = logging.getLogger("vllm.distributed.async_eplb")
+    package.addHandler(handler)
+    yield handler
+    package.removeHandler(handler)
+
+
+@pytest.fixture
+def state(one_rank_world):
+    from fake_vllm import model_config, parallel_config
+
+    from vllm.distributed.async_eplb.config import AsyncEplbConfig
+    from vllm.distributed.async_eplb.eplb_state import EpGroupInfo, EplbState
+    from vllm.distributed.async_eplb.simulation.toy_moe import ToyMoE
+
+    state = EplbState(
+        parallel_config(num_redundant_experts=REDUNDANT, step_interval=4),
+        "cpu",
+        ep_group=EpGroupInfo.whole_world(),
+        config=AsyncEplbConfig(min_gain=0.0, vote_delay=1, timeout_s=TIMEOUT_S),
+    )
+    model = ToyMoE(LAYERS, EXPERTS, REDUNDANT, 1, 0, hidden_size=4)
+    state.add_model(model, model_config())
+    state.step(is_dummy=True, is_profile=True)  # compiles the policy, as vLLM's
+    state.start_async_loop()
+    yield state
+    state.shutdown(timeout=1.0)
+
+
+def _step(state, pause: float = 0.0) -> float:
+    """One engine step with skewed load; its seconds."""
+    load = state.model_states["toy-hash"].expert_load_pass
+    load[:, 0] += 9
+    load[:, 1] += 1
+    start = time.perf_counter()
+    state.step()
+    if pause:
+        time.sleep(pause)
+    return time.perf_counter() - start
+
+
+class StuckGroup:
+    """A process group of two ranks whose all-reduces never complete."""
+
+    def allreduce(self, tensors, opts=None) -> FakeWork:
+        return FakeWork()
+
+
+def test_a_vote_that_times_out_turns_balancing_off_once_and_never_waits_again(
+    state, records, monkeypatch
+) -> None:
+    from vllm.distributed.async_eplb import agreement
+
+    monkeypatch.setattr(agreement.dist, "get_world_size", lambda group=None: 2)
+    state._vote = agreement.NonBlockingVote(StuckGroup(), 1, TIMEOUT_S)
+    seconds = [_step(state) for _ in range(24)]  # six intervals
+    waited = [s for s in seconds if s > TIMEOUT_S / 2]
+    assert len(waited) == 1, seconds  # the timed-out vote, once
+    c = state.counters
+    assert not c.balancing_enabled and "vote" in c.disabled_cause
+    assert c.rebalances == 0 and c.layers_committed == 0
+    off = [t for t in records.texts if "rebalancing is OFF from step" in t]
+    assert len(off) == 1, records.texts
+
+
+def test_a_planner_that_never_finishes_is_abandoned_with_a_log(
+    state, records, monkeypatch
+) -> None:
+    from vllm.distributed.async_eplb import rebalance_plan
+
+    release = threading.Event()
+    original = rebalance_plan.rebalance_experts
+
+    def never_finishes(*args, **kwargs):
+        release.wait(30)
+        raise RuntimeError("released by the test")
+
+    monkeypatch.setattr(rebalance_plan, "rebalance_experts", never_finishes)
+    try:
+        c = state.counters
+        start = time.monotonic()
+        while c.aborts == 0 and time.monotonic() - start < 10 * TIMEOUT_S:
+            _step(state, pause=0.02)
+        assert c.aborts == 1, "the stalled planner was never given up"
+        assert time.monotonic() - start < 4 * TIMEOUT_S + 2.0
+        assert "placement not finished" in c.last_abort_cause, c.last_abort_cause
+        assert any("placement not finished" in t for t in records.texts)
+        # The next round plans on a fresh thread, not behind the stuck one.
+        monkeypatch.setattr(rebalance_plan, "rebalance_experts", original)
+        for _ in range(40):
+            _step(state, pause=0.01)
+            if c.rebalances + c.skips:
+                break
+        assert c.rebalances + c.skips >= 1 and c.aborts == 1, c.last_abort_cause
+    finally:
+        release.set()
+
+
+def test_shutdown_joins_only_its_own_threads(state, records) -> None:
+    release = threading.Event()
+    foreign = threading.Thread(
+        target=release.wait, args=(30,), name="async-eplb-staging-other", daemon=True
+    )
+    foreign.start()
+    try:
+        start = time.perf_counter()
+        state.shutdown(timeout=1.0)
+        assert time.perf_counter() - start < 0.8
+        assert not any("async-eplb-staging-other" in t for t in records.texts)
+    finally:
+        release.set()
+
+
+def test_the_planner_plans_from_its_own_copy_of_the_placement(
+    state, monkeypatch
+) -> None:
+    from vllm.distributed.async_eplb import rebalance_plan
+
+    entered, mutated = threading.Event(), threading.Event()
+    seen: list[torch.Tensor] = []
+    original = rebalance_plan.rebalance_experts
+
+    def planner_sees(weight, replicas, groups, nodes, ranks, old, **kw):
+        entered.set()
+        mutated.wait(10)  # the main thread commits a layer meanwhile
+        seen.append(old.clone())
+        return original(weight, replicas, groups, nodes, ranks, old, **kw)
+
+    monkeypatch.setattr(rebalance_plan, "rebalance_experts", planner_sees)
+    phy2log = state.model_states["toy-hash"].maps.phy2log
+    before = phy2log.clone()
+    while not entered.is_set():
+        _step(state, pause=0.005)
+    try:
+        phy2log[0, [0, 1]] = phy2log[0, [1, 0]]  # stands for a commit
+    finally:
+        mutated.set()
+    for _ in range(5):
+        _step(state, pause=0.02)
+    phy2log.copy_(before)
+    assert seen and torch.equal(seen[0], before), "the planner read live maps"
+
+
+def test_a_timed_out_vote_fails_once_then_never_waits(monkeypatch) -> None:
+    from vllm.distributed.async_eplb import agreement
+
+    monkeypatch.setattr(agreement.dist, "get_world_size", lambda group=None: 2)
+    vote = agreement.NonBlockingVote(StuckGroup(), 1, TIMEOUT_S)
+    vote.launch(0, "ready", [1])
+    vote.launch(0, "log", [2])
+    with pytest.raises(agreement.VoteTimeout, match="still incomplete"):
+        vote.collect(1)
+    assert vote.failed and "ready vote launched at step 0" in vote.failed
+    start = time.perf_counter()
+    vote.launch(2, "recover", [1])  # does nothing: the group is stuck
+    assert vote.collect(3) == [] and vote.num_pending == 0
+    assert not vote.may_launch(4, "ready")
+    vote.drain()
+    assert time.perf_counter() - start < TIMEOUT_S / 2

@@ -392,3 +392,33 @@ def test_p2p_refuses_a_gloo_group_for_device_tensors(monkeypatch) -> None:
         make_transport(
             "p2p", backend=DeviceBackend(torch.device("cuda", 0)), group=object()
         )
+
+
+def test_status_is_one_immutable_snapshot_taken_under_the_lock() -> None:
+    """The main thread reads a snapshot, never fields the thread writes."""
+    world = World(seed=7)
+    try:
+        worker = world.workers[0]
+        idle = worker.status()
+        assert (idle.busy, idle.staged, idle.error, idle.death) == (
+            False,
+            (),
+            None,
+            None,
+        )
+        world.submit(range(2), job_id=5)
+        world.wait_staged(0)
+        status = worker.status()
+        assert status.job_id == 5 and status.busy and status.staged == (0,)
+        assert len(status.layer_seconds) == 1 and status.bytes_received >= 0
+        with pytest.raises(AttributeError):
+            status.staged = ()  # type: ignore[misc]
+        world.commit(0)
+        world.wait_staged(1)
+        world.commit(1)  # the worker went on writing; the snapshot stays
+        assert status.staged == (0,) and len(status.layer_seconds) == 1
+        final = worker.status()
+        assert final.staged == () and not final.busy
+        assert len(final.layer_seconds) == 2
+    finally:
+        world.stop()

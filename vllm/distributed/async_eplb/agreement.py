@@ -7,7 +7,12 @@ group that nothing else uses, *launched* at step ``t`` and *read* at step
 decision taken from it is identical everywhere. By then the all-reduce has
 normally completed and reading it does not wait. Only a vote still incomplete
 at its due step is waited for, and one still incomplete ``timeout_s`` later
-raises ``VoteTimeout`` (the caller aborts the rebalance).
+raises ``VoteTimeout``, once: the group then has a collective that may never
+end, and gloo runs a group's collectives in order, so the vote is *failed*
+for good (:attr:`NonBlockingVote.failed`): later launches do nothing and later
+reads return nothing at once, and no step waits on it again. A rank whose
+vote failed stops voting, so its peers' next vote fails the same way: the
+caller turns balancing off, and every rank ends up off.
 
 A caller that votes while something is in flight (the "ready" vote of a
 rebalance) need not launch at every step: :meth:`NonBlockingVote.may_launch`
@@ -98,6 +103,8 @@ class NonBlockingVote:
         self.launch_gap = launch_gap
         self.blocking_waits = 0
         """Votes that were not complete at their due step (each waited for)."""
+        self.failed: str | None = None
+        """Why a vote timed out or failed; from then on the vote is off."""
         self._pending: deque[_Pending] = deque()
         self._in_flight: dict[str, int] = {}  # kind -> votes launched, not read
         self._last_read: dict[str, int] = {}  # kind -> step its last vote was read
@@ -118,7 +125,7 @@ class NonBlockingVote:
 
         Identical on every rank (launches and reads happen at agreed steps).
         """
-        if self._in_flight.get(kind):
+        if self.failed is not None or self._in_flight.get(kind):
             return False
         last_read = self._last_read.get(kind)
         return last_read is None or step >= last_read + self.launch_gap
@@ -133,8 +140,10 @@ class NonBlockingVote:
         """Start a SUM all-reduce of ``payload``; never blocks.
 
         A list of ints is the cheapest payload; a CPU int64 tensor is reduced
-        in place: pass a fresh one.
+        in place: pass a fresh one. Does nothing once the vote has failed.
         """
+        if self.failed is not None:
+            return
         if isinstance(payload, torch.Tensor):
             tensor = payload.detach().to("cpu", torch.int64)
         else:
@@ -150,8 +159,18 @@ class NonBlockingVote:
 
         Waits only for a vote not yet complete (counted in ``blocking_waits``);
         raises ``VoteTimeout`` if it stays incomplete for ``timeout_s``, and
-        ``VoteError`` if the all-reduce failed (a peer died).
+        ``VoteError`` if the all-reduce failed (a peer died). Either fails the
+        vote: every pending vote is dropped, and later calls return ``[]``.
         """
+        try:
+            return self._collect(step)
+        except VoteError as exc:
+            self.failed = str(exc)
+            self._pending.clear()
+            self._in_flight.clear()
+            raise
+
+    def _collect(self, step: int) -> list[VoteResult]:
         results = []
         while self._pending and self._pending[0].due_at <= step:
             item = self._pending[0]
@@ -184,7 +203,7 @@ class NonBlockingVote:
 
     def drain(self) -> None:
         """Wait for every in-flight vote (all ranks launched the same ones)."""
-        if self._pending:
+        if self._pending and self.failed is None:
             self.collect(self._pending[-1].due_at)
 
 

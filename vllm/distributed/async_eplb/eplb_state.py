@@ -26,6 +26,7 @@ the same planner and transports.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -58,6 +59,11 @@ from vllm.distributed.async_eplb.model_state import (
     initial_row,
     keep_recent,
 )
+from vllm.distributed.async_eplb.plan_thread import (
+    PlannerThread,
+    PlanRequest,
+    compute_plans,
+)
 from vllm.distributed.async_eplb.planner import LayerPlan, plan_layers
 from vllm.distributed.async_eplb.ready_vote import (
     ReadyReport,
@@ -69,7 +75,6 @@ from vllm.distributed.async_eplb.rebalance_algo import warm_up
 from vllm.distributed.async_eplb.rebalance_plan import (
     PlannedRebalance,
     mean_predicted,
-    plan_rebalance,
 )
 from vllm.distributed.async_eplb.replica_check import ReplicaCheck
 from vllm.distributed.async_eplb.staging_groups import StagingGroups
@@ -82,22 +87,16 @@ __all__ = ["EpGroupInfo", "EplbCounters", "EplbModelState", "EplbState"]
 _ELASTIC = "elastic expert parallelism is not supported by async_eplb"
 
 
-def _join_helper_threads(deadline: float) -> list[str]:
-    """Wait until ``deadline`` for this subsystem's threads; names of the rest.
+def _join_threads(threads: list[threading.Thread], deadline: float) -> list[str]:
+    """Wait until ``deadline`` for ``threads``; names of those still alive.
 
     A stopped worker may leave a transport's helper thread waiting out a
     transfer it gave up on (bounded by the transfer timeout); its process
-    group must outlive that wait. Our threads are named ``async-eplb-*``.
+    group must outlive that wait.
     """
-    me = threading.current_thread()
-    ours = [
-        t
-        for t in threading.enumerate()
-        if t is not me and t.name.startswith("async-eplb-")
-    ]
-    for thread in ours:
+    for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
-    return [t.name for t in ours if t.is_alive()]
+    return [t.name for t in threads if t.is_alive()]
 
 
 class _ConfigHashes:
@@ -161,18 +160,14 @@ class EplbState:
         self._epoch = 0
         # idle | aggregating | active | recovering | disabled | shut down
         self._phase = "idle"
-        self._planner = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="async-eplb-plan"
-        )
-        # Spawn the thread now, not inside a serving step.
-        self._planner.submit(int).result()
+        self._planner = PlannerThread("async-eplb-plan")
         self._plan_future: concurrent.futures.Future | None = None
         self._plan_loads: list[torch.Tensor] | None = None  # to plan after the step
         self._plan_status = "none"  # none|planning|planned|submitted|skip|failed
         self._plans: list[PlannedRebalance] = []
         self._local_error: str | None = None
         self._local_exc: BaseException | None = None
-        self._last_progress = time.monotonic()
+        self._last_progress = self._plan_started = time.monotonic()
         self._async_started = False
         self._recorder: Any = None  # VLLM_ASYNC_EPLB_RECORD, on EP rank 0
         self.replica_check = ReplicaCheck(self.config)
@@ -458,7 +453,7 @@ class EplbState:
         """
         if self._plan_loads is not None:
             loads, self._plan_loads = self._plan_loads, None
-            self._plan_future = self._planner.submit(self._compute_plans, loads)
+            self._plan_future = self._planner.submit(self._plan_request(loads))
 
     def _launch(self, kind: str, payload: torch.Tensor, context: Any) -> None:
         assert self._vote is not None
@@ -470,7 +465,9 @@ class EplbState:
         try:
             results = self._vote.collect(int(min(target, 2**62)))
         except VoteError as exc:
-            self._abort(f"vote failed: {exc}", local=True)
+            # Peers may have read this vote in time: nothing taken from it
+            # can be agreed. This rank votes no more, so theirs fail too.
+            self._turn_off(f"vote failed, nothing more can be agreed: {exc}")
             return
         for result in results:
             self._vote_handlers[result.kind](result)
@@ -511,25 +508,19 @@ class EplbState:
             offset += size
         return out
 
-    def _compute_plan(
-        self, state: EplbModelState, load: torch.Tensor
-    ) -> PlannedRebalance:
-        """Placement + gain + transfer plans: pure, identical on every rank."""
-        return plan_rebalance(
-            state.maps.phy2log,
-            load,
-            num_groups=state.model.num_expert_groups,
+    def _plan_request(self, loads: list[torch.Tensor]) -> PlanRequest:
+        """The planner's input: CPU copies, so commits cannot change it."""
+        if self._recorder is not None:  # the first model's load, summed over ranks
+            self._recorder.add_window(loads[0])
+        states = list(self.model_states.values())
+        return PlanRequest.of(
+            [s.maps.phy2log for s in states],
+            loads,
+            [s.model.num_expert_groups for s in states],
             num_ranks=self.ep.world_size,
             ranks_per_node=self.ep.ranks_per_node,
             policy=self.config.policy,
         )
-
-    def _compute_plans(self, loads: list[torch.Tensor]) -> list[PlannedRebalance]:
-        if self._recorder is not None:  # the first model's load, summed over ranks
-            self._recorder.add_window(loads[0])
-        states = list(self.model_states.values())
-        pairs = zip(states, loads, strict=True)
-        return [self._compute_plan(state, load) for state, load in pairs]
 
     def _gain_too_small(self, plans: list[PlannedRebalance]) -> bool:
         old, new = mean_predicted(plans)
@@ -548,7 +539,7 @@ class EplbState:
         self._phase = "active"
         self._local_error = None
         self._local_exc = None
-        self._last_progress = time.monotonic()
+        self._last_progress = self._plan_started = time.monotonic()
         self._plan_loads = loads  # submitted at the end of this step
         self._plan_status = "planning"
 
@@ -562,6 +553,9 @@ class EplbState:
         """
         if self._plan_status == "planning":
             if self._plan_future is None or not self._plan_future.done():
+                if time.monotonic() - self._plan_started > self.config.timeout_s:
+                    self._abandon_planner()
+                    return True, False
                 return False, False
             try:
                 self._plans = self._plan_future.result()
@@ -572,6 +566,16 @@ class EplbState:
             skip = self._gain_too_small(self._plans)
             self._plan_status = "skip" if skip else "planned"
         return self._plan_status != "planning", self._plan_status == "skip"
+
+    def _abandon_planner(self) -> None:
+        """The plan is past its deadline: report it, plan on a fresh thread."""
+        self._local_error = (
+            f"placement not finished after {self.config.timeout_s:.1f} s "
+            "(planner thread abandoned)"
+        )
+        self._plan_status = "failed"
+        self._plan_future = None
+        self._planner.abandon()
 
     def _submit(self, plans: list[PlannedRebalance]) -> None:
         if not self._async_started:
@@ -599,11 +603,13 @@ class EplbState:
         staging; a new job must not start before, or its messages could meet
         that layer's.
         """
-        return all(
-            (s.worker is None or (not s.worker.busy and s.worker.idle))
-            and (s.transport is None or s.transport.in_flight() == 0)
-            for s in self.model_states.values()
-        )
+        for s in self.model_states.values():
+            if s.transport is not None and s.transport.in_flight():
+                return False
+            status = None if s.worker is None else s.worker.status()
+            if status is not None and (status.busy or not status.idle):
+                return False
+        return True
 
     def _launch_ready_vote(self) -> None:
         planned, skip = self._poll_local_plan()
@@ -615,17 +621,17 @@ class EplbState:
         error = self._local_error is not None
         staged_any = False
         for state in states:
-            worker = state.worker
             staged_by_model.append(())
-            if worker is None:
+            if state.worker is None:
                 continue
+            status = state.worker.status()
             # An error before this job was submitted belongs to an aborted job.
-            if worker.error is not None and self._plan_status == "submitted":
+            if status.error is not None and self._plan_status == "submitted":
                 error = True
                 if self._local_error is None:
-                    self._local_error = f"staging worker failed: {worker.error}"
-                    self._local_exc = worker.error
-            staged = [i for i in worker.staged_layers() if i in state.pending_layers]
+                    self._local_error = f"staging worker failed: {status.error}"
+                    self._local_exc = status.error
+            staged = [i for i in status.staged if i in state.pending_layers]
             staged_by_model[-1] = tuple(staged)
             staged_any = staged_any or bool(staged)
         busy = any(s.pending_layers for s in states) or waiting_idle
@@ -720,11 +726,13 @@ class EplbState:
 
     def _harvest_worker_stats(self, state: EplbModelState) -> None:
         """Add the finished job's staging stats (bytes, per-layer time) once."""
-        stats = getattr(state.worker, "stats", None)
-        if stats is None or stats.job_id != self._epoch or state.harvested:
+        if state.worker is None or state.harvested:
             return
-        self.counters.bytes_moved += int(stats.bytes_received)
-        keep_recent(self.counters.staging_seconds, list(stats.layer_seconds.values()))
+        status = state.worker.status()
+        if status.job_id != self._epoch:
+            return
+        self.counters.bytes_moved += status.bytes_received
+        keep_recent(self.counters.staging_seconds, list(status.layer_seconds))
         state.harvested = True
 
     def _end_epoch(self) -> None:
@@ -891,7 +899,7 @@ class EplbState:
         payload = payload.to("cpu", torch.int64)  # the vote group is gloo
         if self._vote.group is not None:
             dist.all_reduce(payload, group=self._vote.group)
-        plans = self._compute_plans(self._split(payload, shapes))
+        plans = compute_plans(self._plan_request(self._split(payload, shapes)))
         if self._gain_too_small(plans):
             self._finish_skip()
             return
@@ -963,9 +971,6 @@ class EplbState:
         if self._vote is not None and self._vote.group is not None:
             dist.barrier(group=self._vote.group)
         for state in self.model_states.values():
-            model = state.model
-            uniform = torch.ones(model.num_moe_layers, model.num_logical_experts)
-            self._compute_plan(state, uniform)
             old = state.maps.phy2log[0].to("cpu")
             slots = state.model.num_local_physical_experts
             new = torch.roll(old, shifts=slots if world > 1 else 1)
@@ -1058,8 +1063,8 @@ class EplbState:
         deadline = time.monotonic() + timeout
         for worker in workers:
             worker.stop(timeout=max(0.0, deadline - time.monotonic()))
-        self._planner.shutdown(wait=True, cancel_futures=True)
-        stuck = _join_helper_threads(deadline)
+        self._planner.stop(max(0.0, deadline - time.monotonic()))
+        stuck = _join_threads(self._own_threads(), deadline)
         if stuck:
             logger.warning(
                 "async EPLB: threads %s still inside a transfer %.1f s after "
@@ -1073,6 +1078,16 @@ class EplbState:
             state.pending_layers = []
         self._destroy_groups(keep_staging=bool(stuck))
 
+    def _own_threads(self) -> list[threading.Thread]:
+        """This instance's threads that may wait on peers: staging, waiters."""
+        threads = []
+        if self._staging_thread is not None and self._staging_thread.thread:
+            threads.append(self._staging_thread.thread)
+        for state in self.model_states.values():
+            if state.transport is not None:
+                threads += state.transport.helper_threads()
+        return threads
+
     def _destroy_groups(self, *, keep_staging: bool) -> None:
         """Destroy the private gloo groups (local: no collective needed).
 
@@ -1081,11 +1096,13 @@ class EplbState:
         """
         groups = self._groups.release(keep_in_use=keep_staging)
         if self._vote is not None:
-            try:
+            with contextlib.suppress(VoteError):  # failed: said below
                 self._vote.drain()
+            failed = self._vote.failed
+            if failed is None:
                 groups.append(self._vote.group)
-            except VoteError as exc:
-                logger.warning("async EPLB: vote group left open at shutdown: %s", exc)
+            else:
+                logger.warning("async EPLB: vote group left open: %s", failed)
         self._vote = None
         if not dist.is_initialized():
             return  # the world (and every group in it) is already gone

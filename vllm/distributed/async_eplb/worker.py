@@ -50,6 +50,7 @@ __all__ = [
     "StagingStats",
     "StagingThread",
     "StagingWorker",
+    "WorkerStatus",
     "install_fault_hook",
 ]
 
@@ -95,6 +96,28 @@ class StagingStats:
     @property
     def seconds(self) -> float:
         return sum(self.layer_seconds.values())
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One consistent view of a worker, taken under its lock.
+
+    The main thread reads this snapshot, never the worker's live fields,
+    which the staging thread writes.
+    """
+
+    job_id: int
+    staged: tuple[int, ...]
+    """Layers of the current job staged (device copies done), not committed."""
+    error: BaseException | None
+    """The last staging failure of this model's job, or the thread's death."""
+    death: BaseException | None
+    busy: bool
+    """A job is in flight: submitted, not cancelled, not fully committed."""
+    idle: bool
+    """The thread is not inside a layer (of any model's job)."""
+    bytes_received: int
+    layer_seconds: tuple[float, ...]
 
 
 @dataclass
@@ -149,6 +172,11 @@ class StagingThread:
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The thread, once started (for its owner to join at shutdown)."""
+        return self._thread
 
     def stop(self, timeout: float) -> None:
         """End the thread promptly (a wait on peers is abandoned) and join it."""
@@ -288,9 +316,29 @@ class StagingWorker:
         """What ended the staging thread unexpectedly, else None."""
         return self._thread.death
 
-    @property
-    def stop_requested(self) -> bool:
-        return self._thread.stop_event.is_set()
+    def status(self) -> WorkerStatus:
+        """A snapshot of everything the main thread reads, under the lock."""
+        with self._cond:
+            job, death = self._active, self._thread._death
+            staged: tuple[int, ...] = ()
+            if job is not None:
+                staged = tuple(
+                    sorted(
+                        layer
+                        for layer, (_, event, _) in job.staged.items()
+                        if self.backend.event_done(event)
+                    )
+                )
+            return WorkerStatus(
+                job_id=self.stats.job_id,
+                staged=staged,
+                error=self._error if self._error is not None else death,
+                death=death,
+                busy=job is not None,
+                idle=not self._thread.in_layer,
+                bytes_received=self.stats.bytes_received,
+                layer_seconds=tuple(self.stats.layer_seconds.values()),
+            )
 
     @property
     def idle(self) -> bool:
