@@ -498,10 +498,33 @@ def make_vllm_config(
     return vllm_config
 
 
+def skip_missing_cpu_prepack() -> bool:
+    """Leave MoE weights unpacked where vLLM's CPU prepack op is missing.
+
+    vLLM 0.33 prepacks CPU MoE weights into its grouped-GEMM layout after
+    loading (``cpu_moe.cpu_prepack_moe_weight``); its CUDA wheel, used on a
+    CPU machine with ``VLLM_TARGET_DEVICE=cpu``, has no such op. The tests
+    never run a forward pass, so the weights stay in checkpoint layout (EPLB
+    moves whole expert rows either way). True when the patch was applied.
+    """
+    try:
+        from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+    except ImportError:  # vLLM 0.32: no prepack step
+        return False
+    if not hasattr(cpu_moe, "cpu_prepack_moe_weight"):
+        return False
+    if hasattr(torch.ops._C, "prepack_moe_weight"):
+        return False
+    cpu_moe.cpu_prepack_moe_weight = lambda weight, isa: weight
+    return True
+
+
 def build_models(vllm_config: Any) -> BuiltModels:
     """Build the target (and MTP drafter) with vLLM's loader, dummy weights."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader import get_model
+
+    skip_missing_cpu_prepack()
 
     with set_current_vllm_config(vllm_config):
         model = get_model(vllm_config=vllm_config)
