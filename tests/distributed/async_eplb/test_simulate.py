@@ -239,7 +239,7 @@ def test_bad_input_is_one_line_not_a_traceback(capsys, tmp_path):
     assert "invalid choice: 'gpt-9'" in capsys.readouterr().err
 
 
-def _rank_fails(rank, config, init_method, show_progress):
+def _rank_fails(rank, config, init_method, show_progress, record_dir):
     if rank == 1:
         raise RuntimeError("staging exploded")
 
@@ -247,9 +247,9 @@ def _rank_fails(rank, config, init_method, show_progress):
 def test_a_failed_rank_is_one_line_with_the_traceback_saved(
     capsys, monkeypatch, tmp_path
 ):
-    from vllm.distributed.async_eplb.simulation import cli
+    from vllm.distributed.async_eplb.simulation import launch
 
-    monkeypatch.setattr(cli, "run_rank", _rank_fails)  # ranks are forked on CPU
+    monkeypatch.setattr(launch, "run_rank", _rank_fails)  # ranks are forked on CPU
     assert main(["--ranks", "2", "--out", str(tmp_path), "--load", "synthetic"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (

@@ -1,46 +1,39 @@
 """``async-eplb-simulate``: launch N ranks, run the deployment, report.
 
-The parent validates the configuration first (bad input is one line on
-stderr, exit status 2), starts one process per rank (gloo on CPU, NCCL plus
-gloo with ``--device cuda``), then prints the summary and writes the JSON
-report and the plot from rank 0's result.
+The parent validates the configuration and estimates its memory first (bad
+input, or a run that would not fit in the memory available, is one line on
+stderr, exit status 2), starts one process per rank (``launch.py``), then
+prints the summary and writes the JSON report and the plot from rank 0's
+result; when a rank dies, from what the ranks had done so far.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import pickle
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.multiprocessing as mp
-
 from vllm.distributed.async_eplb.config import POLICIES
+from vllm.distributed.async_eplb.simulation.launch import RankFailed, launch
+from vllm.distributed.async_eplb.simulation.memory import (
+    MemoryEstimate,
+    available_bytes,
+    gb,
+)
 from vllm.distributed.async_eplb.simulation.presets import PRESETS
 from vllm.distributed.async_eplb.simulation.report import (
-    SimulationResult,
     format_summary,
     summarize,
     write_json,
     write_plot,
 )
-from vllm.distributed.async_eplb.simulation.runner import (
-    LOADS,
-    MODES,
-    SimConfig,
-    run_rank,
-)
+from vllm.distributed.async_eplb.simulation.runner import LOADS, MODES, SimConfig
 from vllm.distributed.async_eplb.transports import TRANSPORT_NAMES
 
 __all__ = ["build_parser", "main"]
 
 PROG = "async-eplb-simulate"
-_RESULT_FILE = "result.pkl"
 
 
 def _layers(value: str) -> int | None:
@@ -185,56 +178,17 @@ def _config(args: argparse.Namespace) -> SimConfig:
     )
 
 
-def _rank_main(
-    rank: int, config: SimConfig, init_method: str, result_dir: str, progress: bool
-) -> None:
-    """Entry of one rank process: CPU threads shared fairly, result pickled."""
-    if config.device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.ranks))
-    logging.basicConfig(
-        level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s"
-    )
-    result = run_rank(rank, config, init_method, show_progress=progress)
-    if result is not None:
-        with open(Path(result_dir) / _RESULT_FILE, "wb") as file:
-            pickle.dump(result, file)
-
-
-def _start_method(config: SimConfig) -> str:
-    """fork on CPU: ranks inherit the parent's imports (vLLM's, when installed,
-    take seconds per process); spawn for CUDA, which must not be forked."""
-    if config.device == "cpu" and "fork" in mp.get_all_start_methods():
-        return "fork"
-    return "spawn"
-
-
-def _launch(config: SimConfig, progress: bool) -> SimulationResult:
-    """Start the ranks; a failed rank raises RuntimeError with its last line."""
-    with tempfile.TemporaryDirectory(prefix="eplb-sim-") as result_dir:
-        # A file rendezvous: no port to pick, so parallel runs cannot clash.
-        init_method = f"file://{Path(result_dir) / 'rendezvous'}"
-        try:
-            mp.start_processes(
-                _rank_main,
-                args=(config, init_method, result_dir, progress),
-                nprocs=config.ranks,
-                join=True,
-                start_method=_start_method(config),
-            )
-        except mp.ProcessRaisedException as exc:
-            log = Path(config.out) / "error.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text(str(exc))
-            last = [line for line in str(exc).splitlines() if line.strip()][-1]
-            raise RuntimeError(
-                f"rank {exc.error_index} failed: {last} (traceback in {log})"
-            ) from None
-        except mp.ProcessExitedException as exc:
-            raise RuntimeError(
-                f"rank {exc.error_index} exited with code {exc.exit_code}"
-            ) from None
-        with open(Path(result_dir) / _RESULT_FILE, "rb") as file:
-            return pickle.load(file)
+def check_memory(estimate: MemoryEstimate) -> int:
+    """The memory available; ValueError (one line) when the run needs more."""
+    available, source = available_bytes()
+    if estimate.total > available:
+        raise ValueError(
+            f"this run needs about {gb(estimate.total)} GB ({estimate.ranks} ranks "
+            f"x {gb(estimate.per_rank)} GB) but {gb(available)} GB is available "
+            f"({source}); fewer --layers, a smaller --scale or fewer --ranks "
+            f"reduce it"
+        )
+    return available
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config.validate()
         load = config.make_load().description
+        estimate = config.memory_estimate()
+        available = check_memory(estimate)
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -253,15 +209,27 @@ def main(argv: list[str] | None = None) -> int:
         f"{model.num_routed_experts} experts (top-{model.top_k}) + "
         f"{config.redundant} redundant slots on {config.ranks} {config.device} "
         f"ranks, {config.mode} mode, policy {config.policy}, transport "
-        f"{config.transport}\nload: {load}",
+        f"{config.transport}\nload: {load}\nmemory: {estimate.describe()}; "
+        f"{gb(available)} GB available",
         flush=True,
     )
+    memory = {
+        "estimate_parts": estimate.parts,
+        "estimate_per_rank": estimate.per_rank,
+        "estimate_total": estimate.total,
+        "available_at_start": available,
+    }
     try:
-        result = _launch(config, progress=not args.no_progress)
-    except RuntimeError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+        result = launch(config, progress=not args.no_progress)
+    except RankFailed as exc:
+        # The partial report: what the ranks had done when one of them died.
+        result = exc.partial
+        failure = str(exc)
+        print(f"the run stopped: {failure}; partial report follows", flush=True)
+    else:
+        failure = None
     result.wall_seconds = time.perf_counter() - started
+    result.memory.update(memory)
     summary = summarize(result)
     out = Path(config.out)
     write_json(out / "report.json", result, summary)
@@ -274,4 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot: {out / 'plot.png'}")
     else:
         print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+    if failure is not None:
+        print(f"{PROG}: error: {failure}", file=sys.stderr)
+        return 1
     return 0 if summary["outputs_matched"] == summary["outputs_checked"] else 1

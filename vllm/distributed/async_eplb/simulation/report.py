@@ -50,6 +50,11 @@ class SimulationResult:
     counters: dict[str, float] = field(default_factory=dict)
     """EplbState's counters: rebalances, skips, aborts, bytes moved, ..."""
     wall_seconds: float = 0.0
+    memory: dict[str, Any] = field(default_factory=dict)
+    """Estimated and measured host memory (bytes): each rank's peak RSS, the
+    run's peak in all (sampled by the launcher), the estimate's parts."""
+    partial: dict[str, Any] | None = None
+    """None for a finished run; else how far it got (a rank died)."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -125,7 +130,12 @@ def summarize(result: SimulationResult) -> dict[str, Any]:
         "outputs_checked": result.outputs_checked,
         "outputs_matched": result.outputs_matched,
         "wall_seconds": result.wall_seconds,
+        "peak_rss_max_rank": max(
+            result.memory.get("peak_rss_per_rank", {}).values(), default=None
+        ),
+        "peak_in_use_all": result.memory.get("peak_in_use_all"),
         **result.counters,
+        **({"partial": result.partial} if result.partial is not None else {}),
     }
 
 
@@ -156,15 +166,38 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("added ms/step, max", summary["added_ms_max"]),
         ("whole step ms, p50", summary["step_ms_p50"]),
     ]
+    memory = [
+        ("peak memory, largest rank (RSS)", _gb(summary.get("peak_rss_max_rank"))),
+        ("peak memory, whole run (PSS)", _gb(summary.get("peak_in_use_all"))),
+    ]
+    rows += [(name, value) for name, value in memory if value != "n/a"]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {_fmt(value)}" for name, value in rows]
+    lines.append(_verification_line(summary))
+    return "\n".join(lines)
+
+
+def _verification_line(summary: dict[str, Any]) -> str:
     checked, matched = summary["outputs_checked"], summary["outputs_matched"]
+    partial = summary.get("partial")
+    if partial is not None and not checked:
+        pairs = partial["layer_outputs_checked"]
+        wrong = pairs - partial["layer_outputs_matched"]
+        verdict = "all matched" if not wrong else f"{wrong} MISMATCHED"
+        return (
+            f"verification so far: {pairs} (step, layer) MoE outputs checked "
+            f"against the unmoved reference, {verdict}; the run stopped before "
+            f"every layer was checked"
+        )
     verdict = "OK" if checked and checked == matched else "MISMATCH"
-    lines.append(
+    return (
         f"verification: {matched}/{checked} steps' MoE outputs matched the unmoved "
         f"reference bit for bit: {verdict}"
     )
-    return "\n".join(lines)
+
+
+def _gb(value: Any) -> str:
+    return f"{value / 1e9:.2f} GB" if isinstance(value, (int, float)) else "n/a"
 
 
 def _bytes(value: Any) -> str:

@@ -2,9 +2,10 @@
 
 Each step does what vLLM's GPU model runner does around a forward pass:
 ``prepare_forward``, the forward (routing through EPLB's maps and recording
-load), then ``EplbState.step()``. Every step's output is hashed, and after the
-loop each rank recomputes a share of the steps on the unmoved reference and
-compares: the check is exact but stays out of the timed loop.
+load), then ``EplbState.step()``. Every step's output is hashed layer by layer,
+and after the loop each rank recomputes its share of the layers, on every
+step, on the unmoved reference and compares: the check is exact but stays out
+of the timed loop, and only one reference layer is in memory at a time.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from vllm.distributed.async_eplb.simulation.load import (
     sample_routing,
     step_generator,
 )
+from vllm.distributed.async_eplb.simulation.memory import (
+    MemoryEstimate,
+    estimate_memory,
+    process_memory,
+)
 from vllm.distributed.async_eplb.simulation.presets import ModelPreset, get_preset
+from vllm.distributed.async_eplb.simulation.progress import RankRecord, combine_ranks
 from vllm.distributed.async_eplb.simulation.report import SimulationResult
 from vllm.distributed.async_eplb.simulation.toy_moe import ToyMoE
 from vllm.distributed.async_eplb.transports import TRANSPORT_NAMES
@@ -164,6 +171,28 @@ class SimConfig:
             "load_description": self.make_load().description,
             "eplb_knobs": dataclasses.asdict(self.eplb_knobs()),
         }
+
+    def memory_estimate(self) -> MemoryEstimate:
+        """Host memory of each rank at its peak, by part (see ``memory.py``)."""
+        model = self.model
+        trace_elements = 0
+        if self.uses_trace():
+            windows = read_trace(self.trace_path).shape[0]
+            trace_elements = windows * model.num_moe_layers * model.num_routed_experts
+        return estimate_memory(
+            layers=model.num_moe_layers,
+            experts=model.num_routed_experts,
+            slots=model.num_routed_experts + self.redundant,
+            ranks=self.ranks,
+            hidden=model.toy_hidden_size(self.scale),
+            itemsize=model.toy_dtype.itemsize,
+            top_k=model.top_k,
+            tokens=self.tokens,
+            steps=self.steps,
+            window=self.window,
+            trace_elements=trace_elements,
+            host=self.device == "cpu",
+        )
 
     def make_load(self) -> LoadSource:
         model = self.model
@@ -333,6 +362,7 @@ def _build(
         rank=rank,
         hidden_size=preset.toy_hidden_size(config.scale),
         top_k=preset.top_k,
+        dtype=preset.toy_dtype,
         device=device,
         seed=config.seed,
     )
@@ -372,22 +402,74 @@ def _routing(config: SimConfig, load: LoadSource, step: int) -> torch.Tensor:
 
 
 def _verify(
-    config: SimConfig, model: ToyMoE, digests: list[str], rank: int
-) -> tuple[int, int]:
-    """(checked, matched) over this rank's share of the steps."""
+    config: SimConfig, model: ToyMoE, digests: list[list[str]], record: RankRecord
+) -> None:
+    """Check this rank's layers (``rank``, ``rank + ranks``, ...) on every step.
+
+    Every rank holds every step's whole output (the forward all-reduces it),
+    so the layers can be shared out: each rank regenerates only its own
+    layers' reference, one layer at a time. Progress goes into ``record``.
+    """
+    rank, num_layers = record.data["rank"], config.model.num_moe_layers
+    layers = list(range(rank, num_layers, config.ranks))
+    verify = {
+        "layers": layers,
+        "layers_done": 0,
+        "step_ok": [True] * config.steps,
+        "pairs_checked": 0,
+        "pairs_matched": 0,
+    }
+    record.data.update(phase="verifying", verify=verify)
+    record.save(force=True)
+    if not layers:
+        return
     load = config.make_load()
-    checked = matched = 0
-    for step in range(rank, config.steps, config.ranks):
-        ids = _routing(config, load, step)
-        checked += 1
-        matched += output_digest(model.reference_forward(ids)) == digests[step]
-    return checked, matched
+    ids = [_routing(config, load, step)[layers] for step in range(config.steps)]
+    hidden = model.hidden_states(config.tokens)
+    gates = model.default_gates(ids[0][0])
+    for j, layer in enumerate(layers):
+        weights = model.reference_weights(layer)
+        for step in range(config.steps):
+            output = model.reference_layer_forward(weights, ids[step][j], hidden, gates)
+            ok = output_digest(output) == digests[step][layer]
+            verify["step_ok"][step] &= ok
+            verify["pairs_checked"] += 1
+            verify["pairs_matched"] += ok
+        del weights
+        verify["layers_done"] += 1
+        _note(record)
+
+
+def _note(record: RankRecord, eplb: Any = None, *, force: bool = False) -> None:
+    """Bring the record's counters and memory up to date, save it if due."""
+    if eplb is not None:
+        counters = eplb.counters
+        record.data.update(
+            rebalances=counters.rebalances,
+            skips=counters.skips,
+            aborts=counters.aborts,
+            bytes_moved=counters.bytes_moved,
+            staging_seconds=sum(counters.staging_seconds),
+            commit_seconds=sum(counters.commit_seconds),
+        )
+    sample = process_memory(with_pss=False)
+    record.data.update(rss=sample.rss, peak_rss=sample.peak_rss)
+    record.save(force=force)
 
 
 def run_rank(
-    rank: int, config: SimConfig, init_method: str, *, show_progress: bool = True
+    rank: int,
+    config: SimConfig,
+    init_method: str,
+    *,
+    show_progress: bool = True,
+    record_dir: str | None = None,
 ) -> SimulationResult | None:
-    """One EP rank, from process-group set-up to shutdown; rank 0 gets the result."""
+    """One EP rank, from process-group set-up to shutdown; rank 0 gets the result.
+
+    With ``record_dir`` the rank saves what it has done so far there (see
+    ``progress.py``), for the launcher to report if a rank dies.
+    """
     # The toy model computes on the host: N ranks each using every core
     # oversubscribe the machine (seen: a 16-core host slower than 2 cores).
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.ranks))
@@ -406,15 +488,20 @@ def run_rank(
         backend, init_method=init_method, rank=rank, world_size=config.ranks
     )
     try:
-        return _loop(rank, config, device, show_progress and rank == 0)
+        record = RankRecord(rank, record_dir)
+        _note(record, force=True)
+        return _loop(record, config, device, show_progress and rank == 0)
     finally:
         dist.destroy_process_group()
 
 
 def _loop(
-    rank: int, config: SimConfig, device: torch.device, show_progress: bool
+    record: RankRecord, config: SimConfig, device: torch.device, show_progress: bool
 ) -> SimulationResult | None:
+    rank = record.data["rank"]
     model, eplb, model_config = _build(config, rank, device)
+    record.data["phase"] = "decoding"
+    _note(record, eplb, force=True)
     load = config.make_load()
     # EPLB's maps, committed in place (the layers route through views of
     # them), under vLLM's attribute names.
@@ -426,18 +513,8 @@ def _loop(
     previous = phy2log.to("cpu").clone()
     progress = _Progress(config.steps) if show_progress else None
     tracker = _RebalanceTracker(eplb)
-    series: dict[str, list[Any]] = {
-        k: []
-        for k in (
-            "balancedness",
-            "balancedness_unmoved",
-            "step_seconds",
-            "eplb_seconds",
-            "in_rebalance",
-            "committed_layers",
-        )
-    }
-    digests: list[str] = []
+    series = record.data  # the step series live in the record
+    digests: list[list[str]] = []
     try:
         for step in range(config.steps):
             ids = _routing(config, load, step)
@@ -454,15 +531,18 @@ def _loop(
             eplb_start = time.perf_counter()
             eplb.step(is_dummy=False, is_profile=False, log_stats=False)
             end = time.perf_counter()
-            digests.append(output_digest(output))
+            digests.append([output_digest(layer) for layer in output])
             current = phy2log.to("cpu")
             committed = int((current != previous).any(dim=1).sum())
             previous.copy_(current)
             in_flight = tracker.after_step()
             series["step_seconds"].append(end - start)
             series["eplb_seconds"].append(end - eplb_start)
-            series["in_rebalance"].append(in_flight)
-            series["committed_layers"].append(committed)
+            if rank == 0:
+                series["in_rebalance"].append(in_flight)
+                series["committed_layers"].append(committed)
+            series["steps_done"] = step + 1
+            _note(record, eplb)
             if progress is not None:
                 progress.update(
                     step,
@@ -472,53 +552,13 @@ def _loop(
         if progress is not None:
             progress.close()
         eplb.shutdown()
-    checked, matched = _verify(config, model, digests, rank)
-    return _gather(rank, config, eplb, series, checked, matched)
-
-
-def _gather(
-    rank: int,
-    config: SimConfig,
-    eplb: Any,
-    series: dict[str, list[Any]],
-    checked: int,
-    matched: int,
-) -> SimulationResult | None:
-    """Combine the ranks on rank 0: slowest rank per step, counters summed."""
-    counters = eplb.counters
-    mine = {
-        "step_seconds": series["step_seconds"],
-        "eplb_seconds": series["eplb_seconds"],
-        "checked": checked,
-        "matched": matched,
-        "bytes_moved": counters.bytes_moved,
-        "staging_seconds": sum(counters.staging_seconds),
-        "commit_seconds": sum(counters.commit_seconds),
-    }
+    _note(record, eplb, force=True)
+    _verify(config, model, digests, record)
+    record.data["phase"] = "done"
+    _note(record, force=True)
     gathered: list[Any] = [None] * config.ranks if rank == 0 else []
-    dist.gather_object(mine, gathered if rank == 0 else None, dst=0)
+    dist.gather_object(record.data, gathered if rank == 0 else None, dst=0)
     if rank != 0:
         return None
-
-    def slowest(key: str) -> list[float]:
-        return [max(values) for values in zip(*(g[key] for g in gathered), strict=True)]
-
-    return SimulationResult(
-        config=config.to_json(),
-        balancedness=series["balancedness"],
-        balancedness_unmoved=series["balancedness_unmoved"],
-        step_seconds=slowest("step_seconds"),
-        eplb_seconds=slowest("eplb_seconds"),
-        in_rebalance=series["in_rebalance"],
-        committed_layers=series["committed_layers"],
-        outputs_checked=sum(g["checked"] for g in gathered),
-        outputs_matched=sum(g["matched"] for g in gathered),
-        counters={
-            "rebalances": counters.rebalances,
-            "skips": counters.skips,
-            "aborts": counters.aborts,
-            "bytes_moved": sum(g["bytes_moved"] for g in gathered),
-            "staging_seconds_max_rank": max(g["staging_seconds"] for g in gathered),
-            "commit_seconds_max_rank": max(g["commit_seconds"] for g in gathered),
-        },
-    )
+    records = {r["rank"]: r for r in gathered}
+    return combine_ranks(config.to_json(), records, config.ranks)

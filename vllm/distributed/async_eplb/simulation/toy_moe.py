@@ -137,7 +137,6 @@ class ToyMoE:
         self.device = torch.device(device)
         self.seed = seed
         self.group = group
-        self._reference: list[list[torch.Tensor]] | None = None
 
         first = rank * self.num_local_physical_experts
         local_experts = [
@@ -148,11 +147,7 @@ class ToyMoE:
         ]
         self.moe_layers: list[ToyMoELayer] = []
         for layer in range(num_layers):
-            per_expert = [self.expert_tensors(layer, e) for e in local_experts]
-            stacked = [
-                torch.stack([t[i] for t in per_expert]).to(self.device)
-                for i in range(3)
-            ]
+            stacked = [t.to(self.device) for t in self._stack(layer, local_experts)]
             self.moe_layers.append(ToyMoELayer(stacked))
 
     # -- MixtureOfExperts protocol ----------------------------------------
@@ -190,23 +185,32 @@ class ToyMoE:
         )
         size = self.hidden_size
         low, high = -_WEIGHT_RANGE, _WEIGHT_RANGE + 1
-        w = torch.randint(low, high, (size, size), generator=gen)
-        bias = torch.randint(low, high, (size,), generator=gen)
-        scale = torch.randint(1, 5, (size,), generator=gen)
-        return [w.to(self.dtype), bias.to(self.dtype), scale.to(torch.uint8)]
+        # Drawn in their own dtypes: int64 drafts of big experts, freed
+        # between smaller tensors, fragmented the heap (3x the weights' RSS).
+        w = torch.randint(low, high, (size, size), generator=gen, dtype=self.dtype)
+        bias = torch.randint(low, high, (size,), generator=gen, dtype=self.dtype)
+        scale = torch.randint(1, 5, (size,), generator=gen, dtype=torch.uint8)
+        return [w, bias, scale]
 
-    def _reference_weights(self) -> list[list[torch.Tensor]]:
-        if self._reference is None:
-            self._reference = []
-            for layer in range(self.num_moe_layers):
-                per_expert = [
-                    self.expert_tensors(layer, e)
-                    for e in range(self.num_logical_experts)
-                ]
-                self._reference.append(
-                    [torch.stack([t[i] for t in per_expert]) for i in range(3)]
-                )
-        return self._reference
+    def _stack(self, layer: int, experts: Sequence[int]) -> list[torch.Tensor]:
+        """``expert_tensors`` of ``experts``, stacked ``[len(experts), ...]``
+        on the host, filled in place: no second copy of the layer."""
+        out: list[torch.Tensor] = []
+        for i, expert in enumerate(experts):
+            tensors = self.expert_tensors(layer, expert)
+            if not out:
+                out = [t.new_empty((len(experts), *t.shape)) for t in tensors]
+            for dst, src in zip(out, tensors, strict=True):
+                dst[i].copy_(src)
+        return out
+
+    def reference_weights(self, layer: int) -> list[torch.Tensor]:
+        """Every logical expert of ``layer`` in its original form, ``[E, ...]``.
+
+        Regenerated at each call and never kept: the unmoved model of every
+        layer would outweigh the rank's own slots ``num_ranks`` times over.
+        """
+        return self._stack(layer, range(self.num_logical_experts))
 
     # -- inputs ------------------------------------------------------------
     def hidden_states(self, num_tokens: int) -> torch.Tensor:
@@ -326,14 +330,34 @@ class ToyMoE:
         placement is consistent.
         """
         hidden, gates = self._check_inputs(topk_ids, hidden, gates)
+        return torch.stack(
+            [
+                self.reference_layer_forward(
+                    self.reference_weights(layer), topk_ids[layer], hidden, gates[layer]
+                )
+                for layer in range(self.num_moe_layers)
+            ]
+        )
+
+    @classmethod
+    def reference_layer_forward(
+        cls,
+        weights: Sequence[torch.Tensor],
+        topk_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        gates: torch.Tensor,
+    ) -> torch.Tensor:
+        """One layer of :meth:`reference_forward`: ``topk_ids [T, K]`` through
+        ``weights`` (from :meth:`reference_weights`), ``[T, H]`` fp32.
+
+        Lets a caller verify many steps of one layer on one generated layer.
+        """
         topk_ids = topk_ids.to(torch.int64)
-        out = torch.zeros(self.num_moe_layers, topk_ids.shape[1], self.hidden_size)
-        for layer, weights in enumerate(self._reference_weights()):
-            ids = topk_ids[layer]
-            for expert in torch.unique(ids).tolist():
-                tok, k = (ids == expert).nonzero(as_tuple=True)
-                y = self._expert_output(hidden[tok], [w[expert] for w in weights])
-                out[layer].index_add_(0, tok, y * gates[layer, tok, k].unsqueeze(1))
+        out = torch.zeros(topk_ids.shape[0], hidden.shape[1])
+        for expert in torch.unique(topk_ids).tolist():
+            tok, k = (topk_ids == expert).nonzero(as_tuple=True)
+            y = cls._expert_output(hidden[tok], [w[expert] for w in weights])
+            out.index_add_(0, tok, y * gates[tok, k].unsqueeze(1))
         return out
 
     def slot_experts(self, layer: int) -> list[int]:
@@ -341,7 +365,7 @@ class ToyMoE:
 
         Lets tests check that the workspace matches the committed ``phy2log``.
         """
-        reference = self._reference_weights()[layer]
+        reference = self.reference_weights(layer)
         found = []
         for slot in range(self.num_local_physical_experts):
             matches = [
