@@ -309,12 +309,13 @@ def route_and_record(
         unpadded = int(layer_state.num_unpadded_tokens_tensors[ubatch])
         counted = physical[:unpadded].reshape(-1)
         counted = counted[(counted >= 0) & (counted < load.shape[0])]
-        load.index_add_(0, counted, torch.ones_like(counted, dtype=load.dtype), alpha=1)
+        load.index_add_(0, counted, torch.ones_like(counted, dtype=load.dtype))
     return physical
 
 
 # -- digests and the check ----------------------------------------------------
 def _digest(row: torch.Tensor) -> int:
+    """64-bit BLAKE2b of the row's bytes: any changed bit changes it."""
     raw = row.detach().contiguous().view(torch.uint8).numpy().tobytes()
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
 

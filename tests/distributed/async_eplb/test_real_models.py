@@ -15,6 +15,19 @@ A run with our weight mover disabled proves the check fails when it should.
 
 The pure pieces (router stand-in, the check, balancedness) are tested here
 directly; the per-rank driver is ``multirank/real_models_main.py``.
+
+Not covered, and why (checked on vLLM 0.32's CPU build):
+- ``Qwen2MoeForCausalLM`` and ``OlmoeForCausalLM`` build, but vLLM does not
+  declare them ``MixtureOfExperts`` (no ``num_moe_layers``): vLLM's own EPLB
+  refuses them too.
+- FP8 checkpoints (expert weight scales): vLLM's CPU build refuses FP8
+  layers without AMX ("CPUFp8W8A8BlockScaledMMKernel requires AMX tile
+  support"), so no quantized config builds on this machine; the check covers
+  every tensor ``get_expert_weights()`` returns, scales included, where one
+  does.
+- vLLM 0.33's CUDA wheel on CPU (``VLLM_TARGET_DEVICE=cpu``) lacks the CPU
+  MoE prepack op; the models are then built with their expert weights left
+  in checkpoint layout (see ``real_vllm_models.skip_missing_cpu_prepack``).
 """
 
 from __future__ import annotations

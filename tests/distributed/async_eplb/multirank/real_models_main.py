@@ -56,8 +56,8 @@ UNPADDED_TOKENS = 40
 PHASE_STEPS = 16
 """Steps between two changes of the hot experts (the load drifts)."""
 DUMMY_EVERY = 11
-IMPLS = ("ours", "vllm", "broken")
 """Every this many steps is a dummy step (its load must not count)."""
+IMPLS = ("ours", "vllm", "broken")
 
 
 def parse_args() -> argparse.Namespace:
@@ -234,9 +234,7 @@ def fill_unloaded_redundant(model: Any, num_experts: int) -> int:
     digests = global_digests(model)
     rank, world = dist.get_rank(), dist.get_world_size()
     filled = 0
-    for layer, tensors in zip(model.moe_layers, expert_tensors(model), strict=True):
-        index = model.moe_layers.index(layer)
-        row = digests[index]
+    for row, tensors in zip(digests, expert_tensors(model), strict=True):
         stale = [
             p for p in range(num_experts, len(row)) if row[p] != row[p % num_experts]
         ]
@@ -319,7 +317,8 @@ def forward(
         )
         spec = mut.spec
         if dummy:
-            ids = torch.randint(0, spec.num_experts, (PADDED_TOKENS, spec.top_k))
+            shape = (PADDED_TOKENS, spec.top_k)
+            ids = torch.randint(0, spec.num_experts, shape, generator=gen)
         else:
             ids = skewed_topk(
                 PADDED_TOKENS,
@@ -330,7 +329,7 @@ def forward(
                 num_groups=spec.num_groups,
                 topk_groups=spec.topk_groups,
             )
-            # Padding tokens all route to expert 0: they must not count.
+            # Padding tokens all pick experts 0..top_k-1: they must not count.
             ids[UNPADDED_TOKENS:] = torch.arange(spec.top_k)
             if step >= final_from:
                 mut.final_load[layer_index] += torch.bincount(
