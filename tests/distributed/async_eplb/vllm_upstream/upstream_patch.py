@@ -7,8 +7,7 @@ imported: vLLM's tests import ``compute_logical_maps`` by name.
 - ``DefaultEplbPolicy.rebalance_experts`` -> ``rebalance_algo.rebalance_experts``
   with ``policy="default"``;
 - ``DefaultEplbPolicy.preserve_intragpu_slots`` -> ``preserve_rank_slots``;
-- ``eplb_state.compute_logical_maps`` -> ``maps.derive_logical_maps``, its
-  ``log2phy`` cut to the width vLLM returns (the most replicas of any expert).
+- ``eplb_state.compute_logical_maps`` -> ``maps.compute_logical_maps``.
 
 vLLM functions with no counterpart here (``_compute_eplb_load_stats``) stay
 vLLM's; a test that calls only those checks vLLM, not us.
@@ -56,16 +55,6 @@ def _preserve_intragpu_slots(
     return preserve_rank_slots(phy2log, old_phy2log, num_ranks)
 
 
-def _compute_logical_maps(
-    phy2log: torch.Tensor, num_logical_experts: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    num_redundant = phy2log.shape[-1] - num_logical_experts
-    log2phy, logcnt = maps.derive_logical_maps(
-        phy2log, num_logical_experts, maps.max_replicas_for(max(num_redundant, 0))
-    )
-    return log2phy[..., : int(logcnt.max())], logcnt
-
-
 class AsyncEplbInPlaceOfVllm:
     """Pass an instance to ``pytest.main(plugins=[...])``."""
 
@@ -77,7 +66,7 @@ class AsyncEplbInPlaceOfVllm:
         DefaultEplbPolicy.preserve_intragpu_slots = classmethod(
             _preserve_intragpu_slots
         )
-        eplb_state.compute_logical_maps = _compute_logical_maps
+        eplb_state.compute_logical_maps = maps.compute_logical_maps
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         return ["replaced by async_eplb's: " + ", ".join(REPLACED)]
