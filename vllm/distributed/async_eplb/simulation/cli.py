@@ -193,6 +193,11 @@ def check_memory(estimate: MemoryEstimate) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--fleet" in argv:  # fleet mode (no ranks): its own options
+        from vllm.distributed.async_eplb.simulation import fleet_cli
+
+        return fleet_cli.main([arg for arg in argv if arg != "--fleet"])
     args = build_parser().parse_args(argv)
     config = _config(args)
     try:
