@@ -25,8 +25,8 @@ def load() -> torch.Tensor:
 GOOD = (24, 4, 2, 4)
 
 
-def test_policies_lists_both():
-    assert set(POLICIES) == {"default", "min_migration"}
+def test_policies_lists_all():
+    assert set(POLICIES) == {"default", "balanced", "balanced_spill", "min_migration"}
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,8 @@ def _error(match: str):
 
 def test_unknown_policy_lists_the_valid_ones():
     with _error(
-        "unknown policy 'fastest'; valid policies: ['default', 'min_migration']"
+        "unknown policy 'fastest'; valid policies: "
+        "['balanced', 'balanced_spill', 'default', 'min_migration']"
     ):
         rebalance_experts(load(), *GOOD, policy="fastest")
 
@@ -221,6 +222,10 @@ def test_warm_up_compiles_the_policy_kernels_and_names_bad_policies():
         return
     from vllm.distributed.async_eplb.rebalance_algo import min_migration
 
+    from vllm.distributed.async_eplb.rebalance_algo import balanced
+
     warm_up("min_migration")
     for kernel in ("_repair_layer", "_relabel_onto_old"):
         assert getattr(min_migration, kernel).signatures, kernel
+    for kernel in ("_balance_rows", "_pinned_greedy"):
+        assert getattr(balanced, kernel).signatures, kernel

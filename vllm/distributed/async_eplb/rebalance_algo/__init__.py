@@ -5,14 +5,23 @@
 the arguments once (``validation``), then runs the chosen policy on NumPy
 arrays, every layer in one call.
 
-Policies (``POLICIES``):
+Policies (``POLICIES``, the one list of names):
 - ``"default"``: vLLM's placement, identical output, ~10x+ faster (``default``);
+- ``"balanced"``: vLLM's replica counts, packed by balanced differencing and
+  local search: a lower peak rank load wherever a rank holds three or more
+  slots, never a higher one (``balanced``);
+- ``"balanced_spill"``: hierarchical placements only: each expert's first
+  replica stays with its group's node, the redundant ones may go to any node
+  (``balanced``; elsewhere the same as ``"balanced"``);
 - ``"min_migration"``: starts from the old placement and moves as few experts
-  as it can (``min_migration``, imported on first use).
+  as it can, to the balanced policy's balance (``min_migration``).
+
+Policy modules other than ``default`` are imported on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
@@ -35,24 +44,32 @@ PolicyFn = Callable[[np.ndarray, int, int, int, int, "np.ndarray | None"], np.nd
 old phy2log int64 [L, P] or None) -> phy2log int64 [L, P]``, inputs validated."""
 
 
-def _min_migration(
-    weight: np.ndarray,
-    num_replicas: int,
-    num_groups: int,
-    num_nodes: int,
-    num_ranks: int,
-    old_phy2log: np.ndarray | None,
-) -> np.ndarray:
-    # Imported here so this package works whatever state that module is in.
-    from .min_migration import rebalance_min_migration
+def _lazy(module: str, function: str) -> PolicyFn:
+    """A policy imported at its first call (numba compiles on import)."""
 
-    return rebalance_min_migration(
-        weight, num_replicas, num_groups, num_nodes, num_ranks, old_phy2log
-    )
+    def policy(
+        weight: np.ndarray,
+        num_replicas: int,
+        num_groups: int,
+        num_nodes: int,
+        num_ranks: int,
+        old_phy2log: np.ndarray | None,
+    ) -> np.ndarray:
+        found = getattr(importlib.import_module(module, __name__), function)
+        return found(
+            weight, num_replicas, num_groups, num_nodes, num_ranks, old_phy2log
+        )
+
+    return policy
 
 
 POLICIES: Mapping[str, PolicyFn] = MappingProxyType(
-    {"default": rebalance_default, "min_migration": _min_migration}
+    {
+        "default": rebalance_default,
+        "balanced": _lazy(".balanced", "rebalance_balanced"),
+        "balanced_spill": _lazy(".balanced", "rebalance_spill"),
+        "min_migration": _lazy(".min_migration", "rebalance_min_migration"),
+    }
 )
 
 
@@ -116,6 +133,10 @@ def warm_up(policy: str = "default") -> None:
             f"unknown policy {policy!r}; valid policies: {sorted(POLICIES)}"
         )
     warm_up_kernels()
+    if policy != "default":
+        from .balanced import warm_up_kernels as warm_up_balanced
+
+        warm_up_balanced()
     if policy == "min_migration":
         from .min_migration import warm_up_kernels as warm_up_min_migration
 

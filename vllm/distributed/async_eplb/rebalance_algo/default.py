@@ -256,7 +256,11 @@ def _kernels_for(use_numba: bool | None) -> _Kernels | None:
 
 
 def balanced_packing(
-    weight: np.ndarray, num_packs: int, *, use_numba: bool | None = None
+    weight: np.ndarray,
+    num_packs: int,
+    *,
+    use_numba: bool | None = None,
+    order: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pack the ``n`` items of each row into ``num_packs`` packs of ``n /
     num_packs`` items each, heaviest first, each into the lightest open pack.
@@ -265,6 +269,7 @@ def balanced_packing(
     Returns ``(pack_index [X, n], rank_in_pack [X, n])``, both int64. With one
     item per pack, item ``i`` goes to pack ``i`` (vLLM's shortcut).
     ``use_numba``: None picks numba when installed; False forces NumPy.
+    ``order``: ``np.argsort(-weight, axis=-1)`` if the caller has it already.
     """
     num_rows, num_items = weight.shape
     if num_items % num_packs != 0:
@@ -273,7 +278,8 @@ def balanced_packing(
     if items_per_pack == 1:
         pack_index = np.tile(np.arange(num_items, dtype=np.int64), (num_rows, 1))
         return pack_index, np.zeros_like(pack_index)
-    order = np.argsort(-weight, axis=-1)
+    if order is None:
+        order = np.argsort(-weight, axis=-1)
     kernels = _kernels_for(use_numba)
     if kernels is not None:
         return kernels.pack_rows(
