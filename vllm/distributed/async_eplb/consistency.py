@@ -239,12 +239,16 @@ def find_stale_replicas(
     valid = phy2log >= 0
     slot_primary = torch.gather(primary, 1, phy2log.clamp_min(0))
     expected = torch.gather(digests, 1, slot_primary.clamp_min(0))
-    stale = valid & (digests != expected)
+    layers, slots = (valid & (digests != expected)).nonzero(as_tuple=True)
     return [
-        StaleReplica(
-            layer, slot, int(phy2log[layer, slot]), int(slot_primary[layer, slot])
+        StaleReplica(*entry)
+        for entry in zip(
+            layers.tolist(),
+            slots.tolist(),
+            phy2log[layers, slots].tolist(),
+            slot_primary[layers, slots].tolist(),
+            strict=True,
         )
-        for layer, slot in stale.nonzero().tolist()
     ]
 
 
