@@ -12,8 +12,12 @@ import numpy as np
 
 __all__ = [
     "balancedness",
+    "balancedness_bound",
     "bytes_moved",
+    "logged_balancedness",
+    "mean_nodes_touched",
     "new_experts_per_rank",
+    "peak_lower_bound",
     "rank_loads",
 ]
 
@@ -100,3 +104,76 @@ def bytes_moved(
         raise ValueError(f"expert_bytes must be >= 0, got {expert_bytes}")
     moved = new_experts_per_rank(old_phy2log, new_phy2log, num_ranks)
     return int(moved.sum()) * int(expert_bytes)
+
+
+def logged_balancedness(weight: object, phy2log: object, num_ranks: int) -> float:
+    """Balancedness as vLLM logs it: mean tokens per rank summed over layers,
+    over the most loaded rank's tokens summed over layers."""
+    loads = rank_loads(weight, phy2log, num_ranks)
+    peak = float(loads.max(axis=-1).sum())
+    return float(loads.mean(axis=-1).sum()) / peak if peak > 0 else 1.0
+
+
+def peak_lower_bound(weight: object, num_replicas: int, num_ranks: int) -> np.ndarray:
+    """Per layer, a load no placement's most loaded rank can be below.
+
+    ``max(sum(w) / N, m*)``: the mean, and ``m*``, the smallest possible
+    largest load of one replica, ``min max_e w_e / r_e`` over integer replica
+    counts ``r_e >= 1`` summing to ``num_replicas``. Greedy replication (each
+    extra replica to the expert of highest load per replica) attains ``m*``:
+    the expert that sets the maximum at the end needs all its replicas.
+    """
+    load = _as_2d(weight, "weight").astype(np.float64)
+    num_layers, num_experts = load.shape
+    _slots_per_rank(num_replicas, num_ranks)
+    if num_replicas < num_experts:
+        raise ValueError(
+            f"num_replicas={num_replicas} is fewer than {num_experts} experts"
+        )
+    count = np.ones((num_layers, num_experts), dtype=np.int64)
+    rows = np.arange(num_layers)
+    for _ in range(num_replicas - num_experts):
+        top = np.argmax(load / count, axis=1)
+        count[rows, top] += 1
+    largest_share = (load / count).max(axis=1)
+    return np.maximum(load.sum(axis=1) / num_ranks, largest_share)
+
+
+def balancedness_bound(weight: object, num_replicas: int, num_ranks: int) -> float:
+    """Upper bound on ``logged_balancedness`` of any placement of this load."""
+    load = _as_2d(weight, "weight").astype(np.float64)
+    peak = float(peak_lower_bound(load, num_replicas, num_ranks).sum())
+    return float(load.sum() / num_ranks) / peak if peak > 0 else 1.0
+
+
+def mean_nodes_touched(
+    topk_ids: object, phy2log: object, num_ranks: int, num_nodes: int
+) -> float:
+    """Mean number of distinct nodes one token's experts are served from.
+
+    ``topk_ids [T, k]``: the experts each token of one layer is routed to;
+    ``phy2log [P]``: that layer's placement, ranks in node order. Each expert
+    serves a token from one of its replicas chosen uniformly (what vLLM's
+    replica choice does on average), so the expected count is, summed over
+    nodes, ``1 - prod_j (1 - f_j)``, ``f_j`` being the fraction of expert
+    ``j``'s replicas on that node.
+    """
+    ids = np.asarray(topk_ids, dtype=np.int64)
+    placement = np.asarray(phy2log, dtype=np.int64)
+    if ids.ndim != 2 or placement.ndim != 1:
+        raise ValueError(
+            f"topk_ids must be [T, k] and phy2log [P], got {ids.shape} and "
+            f"{placement.shape}"
+        )
+    if num_nodes <= 0 or num_ranks % num_nodes != 0:
+        raise ValueError(f"num_nodes={num_nodes} does not divide num_ranks={num_ranks}")
+    slots = _slots_per_rank(placement.shape[0], num_ranks)
+    num_experts = int(placement.max()) + 1
+    if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
+        raise ValueError(f"topk_ids holds ids outside [0, {num_experts})")
+    node_of_slot = np.arange(placement.shape[0]) // (slots * num_ranks // num_nodes)
+    on_node = np.zeros((num_experts, num_nodes))
+    np.add.at(on_node, (placement, node_of_slot), 1.0)
+    fraction = on_node / on_node.sum(axis=1, keepdims=True)
+    missed = np.prod(1.0 - fraction[ids], axis=1)  # [T, N]: node not touched
+    return float((1.0 - missed).sum(axis=1).mean()) if ids.shape[0] else 0.0
