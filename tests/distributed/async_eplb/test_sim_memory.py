@@ -213,12 +213,13 @@ def test_a_killed_rank_is_named_and_the_partial_report_written(
 # -- estimate against measurement ---------------------------------------------------
 @pytest.mark.multirank
 def test_the_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path):
-    """A small run whose data (0.5 GB a rank) weighs as much as the runtime."""
+    """A small run whose data (0.36 GB a rank) weighs nearly as much as the
+    runtime; sync mode, so its rebalances stage and commit within the run."""
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "vllm.distributed.async_eplb.simulate",
         "--preset", "deepseek-v3", "--layers", "2", "--ranks", "2",
-        "--steps", "8", "--step-interval", "4", "--window", "4",
+        "--steps", "8", "--step-interval", "4", "--window", "4", "--mode", "sync",
         "--scale", "0.01", "--out", str(out), "--no-progress", "--no-compare",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -228,6 +229,7 @@ def test_the_estimate_is_within_a_quarter_of_the_measured_peak(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((out / "report.json").read_text())
     estimated = report["memory"]["estimate_per_rank"]
-    assert estimated - RANK_RUNTIME_BYTES > 0.4e9  # data, not the runtime
+    assert estimated - RANK_RUNTIME_BYTES > 0.3e9  # data, not the runtime
+    assert report["summary"]["layer_commits"] > 0  # the staging buffer was used
     measured = max(report["memory"]["peak_rss_per_rank"].values())
     assert abs(estimated - measured) <= 0.25 * measured, (estimated, measured)
