@@ -220,9 +220,7 @@ def test_warm_up_compiles_the_policy_kernels_and_names_bad_policies():
     if not numba_available():
         warm_up("min_migration")  # a no-op on the NumPy path, and no error
         return
-    from vllm.distributed.async_eplb.rebalance_algo import min_migration
-
-    from vllm.distributed.async_eplb.rebalance_algo import balanced
+    from vllm.distributed.async_eplb.rebalance_algo import balanced, min_migration
 
     warm_up("min_migration")
     for kernel in ("_repair_layer", "_relabel_onto_old"):

@@ -305,12 +305,21 @@ def test_bench_policy_quick_writes_json(tmp_path):
     assert {"machine", "date", "configs"} <= report.keys()
     assert report["configs"]
     for config in report["configs"]:
-        assert {"name", "load", "geometry", "time_ms", "balancedness", "drift"} <= (
-            config.keys()
-        )
-        assert set(config["time_ms"]) == {"vllm", "default", "min_migration"}
+        assert {
+            "name",
+            "load",
+            "geometry",
+            "time_ms",
+            "balancedness",
+            "bound",
+            "gap_closed",
+            "drift",
+        } <= config.keys()
+        policies = {"vllm", "default", "balanced", "balanced_spill", "min_migration"}
+        assert set(config["time_ms"]) == policies
+        assert max(config["balancedness"].values()) <= config["bound"] + 1e-9
         drift = config["drift"]
-        for policy in ("vllm", "default", "min_migration"):
+        for policy in policies:
             assert {"new_experts_per_rank", "bytes_moved", "balancedness"} <= (
                 drift[policy].keys()
             )
