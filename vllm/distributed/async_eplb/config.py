@@ -11,12 +11,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .rebalance_algo import POLICIES as POLICY_REGISTRY
+
 __all__ = ["ENV_PREFIX", "AsyncEplbConfig", "plugin_enabled"]
 
 ENV_PREFIX = "VLLM_ASYNC_EPLB"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-POLICIES = ("min_migration", "default")
+# The policy names are the registry's (one list).
+POLICIES = tuple(POLICY_REGISTRY)
 
 
 def _parse_bool(name: str, raw: str) -> bool:
