@@ -211,6 +211,7 @@ def write_compare_plot(path: Path, results: dict[str, SimulationResult]) -> bool
     top.set_ylim(0, 1.02)
     middle.set_ylabel("added ms per step\n(EplbState.step)")
     middle.set_yscale("symlog", linthresh=1.0)
+    middle.set_ylim(bottom=0)
     bottom.set_ylabel("MiB moved\n(cumulative)")
     bottom.set_xlabel("step")
     for axis in (top, middle, bottom):

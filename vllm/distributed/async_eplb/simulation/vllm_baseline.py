@@ -66,7 +66,10 @@ def available() -> bool:
 
 def preload() -> None:
     """Import what the baseline's ranks use, in the parent before it forks
-    them: vLLM's imports take seconds (40 s on a loaded 2-core machine)."""
+    them: vLLM's imports take seconds (40 s on a loaded 2-core machine).
+    vLLM's own log shows errors only (its CPU warnings say nothing about EPLB),
+    unless ``VLLM_LOGGING_LEVEL`` says otherwise."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     import vllm.config
     import vllm.distributed.eplb.eplb_state
     import vllm.distributed.parallel_state
