@@ -118,7 +118,11 @@ def test_the_header_shows_the_estimate(monkeypatch, capsys, tmp_path):
 @pytest.mark.parametrize(
     ("code", "text"),
     [
-        (-signal.SIGKILL, "killed by the system, likely out of memory: 6.50 GB in use"),
+        (
+            -signal.SIGKILL,
+            "killed by the system, likely out of memory: 6.50 GB in use by the "
+            "run, 2.00 GB of it by this rank",
+        ),
         (-signal.SIGSEGV, "crashed with SIGSEGV"),
         (-signal.SIGTERM, "stopped by SIGTERM"),
         (3, "exited with code 3"),
@@ -186,12 +190,13 @@ def test_a_killed_rank_is_named_and_the_partial_report_written(
 ):
     monkeypatch.setattr(runner, "_verify", _killed_at_verification)  # forked ranks
     out = tmp_path / "out"
+    # sync: every rebalance is over within its step, so one is counted.
     argv = [
         "--preset", "qwen3-30b-a3b", "--layers", "2", "--ranks", "2",
         "--redundant", "4", "--steps", "12", "--step-interval", "4",
         "--window", "4", "--tokens", "16", "--scale", "1e-3", "--mode", "sync",
         "--out", str(out), "--no-progress", "--no-compare",
-    ]  # fmt: skip  (sync: every rebalance is over within its step)
+    ]  # fmt: skip
     assert cli.main(argv) == 1
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()[-1]
@@ -201,7 +206,11 @@ def test_a_killed_rank_is_named_and_the_partial_report_written(
     )
     assert "GB in use by the run" in err
     assert "the run stopped: rank 1 was killed" in captured.out
-    assert "verification so far:" in captured.out
+    # Rank 0 may or may not have saved a checked layer before it was stopped.
+    assert (
+        "verification so far:" in captured.out
+        or "verification: not reached (the run stopped before it)" in captured.out
+    )
     report = json.loads((out / "report.json").read_text())
     partial = report["summary"]["partial"]
     assert partial["steps_completed"] == 12  # every rank saved its last step

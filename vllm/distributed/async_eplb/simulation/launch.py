@@ -66,22 +66,20 @@ class _MemoryWatch:
 
     def __init__(self, pids: list[int]) -> None:
         self._pids = pids
-        self.last_rss = dict.fromkeys(range(len(pids)), 0)
+        self.last_pss = dict.fromkeys(range(len(pids)), 0)
         self.last_in_use = 0
         self.peak_in_use = 0
 
     def sample(self) -> None:
         """Proportional set sizes summed (shared pages counted once), with the
-        launcher's own; a rank that is gone keeps its last figure."""
+        launcher's own. A sample missing a rank that is gone is not kept: the
+        last figures are those from before it died."""
         in_use = process_memory().pss
-        for rank, pid in enumerate(self._pids):
-            sample = process_memory(pid)
-            if sample.rss:
-                self.last_rss[rank] = sample.rss
-            in_use += sample.pss
-        if any(self.last_rss.values()):
-            self.last_in_use = in_use
-            self.peak_in_use = max(self.peak_in_use, in_use)
+        per_rank = [process_memory(pid).pss for pid in self._pids]
+        if all(per_rank):
+            self.last_pss = dict(enumerate(per_rank))
+            self.last_in_use = in_use + sum(per_rank)
+            self.peak_in_use = max(self.peak_in_use, self.last_in_use)
 
 
 def launch(config: SimConfig, progress: bool) -> SimulationResult:
@@ -111,7 +109,7 @@ def launch(config: SimConfig, progress: bool) -> SimulationResult:
         except mp.ProcessExitedException as exc:
             rank = exc.error_index
             cause = describe_exit(
-                exc.exit_code, watch.last_in_use, watch.last_rss.get(rank)
+                exc.exit_code, watch.last_in_use, watch.last_pss.get(rank)
             )
             partial = _partial(config, result_dir, watch)
             message = f"rank {rank} {cause}"

@@ -235,7 +235,7 @@ def process_memory(pid: int | None = None, *, with_pss: bool = True) -> MemorySa
     return MemorySample(rss, status.get("VmHWM", rss), pss or rss)
 
 
-def describe_exit(exit_code: int, in_use: int | None, rank_rss: int | None) -> str:
+def describe_exit(exit_code: int, in_use: int | None, rank_share: int | None) -> str:
     """Why a rank's process ended, in words, from its exit status.
 
     A negative code is the signal that ended it. SIGKILL is what the kernel's
@@ -253,8 +253,8 @@ def describe_exit(exit_code: int, in_use: int | None, rank_rss: int | None) -> s
         memory = ""
         if in_use:
             memory = f": {gb(in_use)} GB in use by the run"
-            if rank_rss:
-                memory += f", {gb(rank_rss)} GB by this rank"
+            if rank_share:
+                memory += f", {gb(rank_share)} GB of it by this rank"
         return (
             f"was killed by {name}, killed by the system, likely out of memory{memory}"
         )

@@ -188,6 +188,8 @@ def _verification_line(summary: dict[str, Any]) -> str:
     partial = summary.get("partial")
     if partial is not None and not checked:
         pairs = partial["layer_outputs_checked"]
+        if not pairs:
+            return "verification: not reached (the run stopped before it)"
         wrong = pairs - partial["layer_outputs_matched"]
         verdict = "all matched" if not wrong else f"{wrong} MISMATCHED"
         return (
