@@ -99,6 +99,12 @@ class ModelConfigStub:
         return "toy-hash"
 
 
+def _round_state(state: object) -> str:
+    """Our ``EplbState``'s round state ("idle" for vLLM's, which has none)."""
+    rnd = getattr(state, "_round", None)
+    return "idle" if rnd is None else rnd.state.value
+
+
 def drive(args, state, model, is_ours: bool) -> list[dict]:
     """Run the steps; per step: seconds in step(), in flight?, commit seconds."""
     model_config = ModelConfigStub()
@@ -111,7 +117,7 @@ def drive(args, state, model, is_ours: bool) -> list[dict]:
         state.prepare_forward(model_config, args.tokens)
         model.forward(ids)
         dummy = step % 11 == 5
-        phase_before = getattr(state, "_phase", "idle")
+        phase_before = _round_state(state)
         commits_before = len(state.counters.commit_seconds) if is_ours else 0
         start = time.perf_counter()
         state.step(is_dummy=dummy)
@@ -119,7 +125,7 @@ def drive(args, state, model, is_ours: bool) -> list[dict]:
         rearranged = state.expert_rearrangement_step == 0
         in_flight = rearranged or phase_before != "idle"
         if is_ours:
-            in_flight = in_flight or state._phase != "idle"
+            in_flight = in_flight or _round_state(state) != "idle"
             commit = sum(state.counters.commit_seconds[commits_before:])
         else:
             commit = 0.0

@@ -6,12 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from multirank.collective_counter import BlockingCollectiveCounter
 from torchrun_util import run_torchrun
 
-from vllm.distributed.async_eplb.agreement import (
-    BlockingCollectiveCounter,
-    NonBlockingVote,
-)
+from vllm.distributed.async_eplb.agreement import NonBlockingVote
 
 SCRIPT = Path(__file__).parent / "multirank" / "eplb_state_vote.py"
 

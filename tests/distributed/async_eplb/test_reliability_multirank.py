@@ -35,7 +35,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
         ["--soak-rebalances", str(SOAK_REBALANCES), "--out-dir", str(out)],
         timeout=420,
     )
-    names = ("raise", "slow", "die", "soak", "shutdown")
+    names = ("raise", "slow", "die", "vote_stall", "plan_stall", "soak", "shutdown")
     return {
         name: [
             json.loads((out / f"{name}-rank{r}.json").read_text()) for r in range(RANKS)
@@ -81,8 +81,13 @@ def test_slow_staging_times_out_without_blocking_the_step_loop(
     # other rank aborts because of it.
     causes = [r["abort_cause"] for r in ranks]
     assert any("no staging progress" in c for c in causes), causes
+    # A peer's own wait for rank 2 may time out before its stall clock does
+    # (both use the timeout): then its cause is that transfer, naming rank 2.
     assert all(
-        "no staging progress" in c or c.endswith("other rank(s) failed") for c in causes
+        "no staging progress" in c
+        or c.endswith("other rank(s) failed")
+        or "failed with ranks [2]" in c
+        for c in causes
     ), causes
     # A rank stalled inside a transfer names whom it waits for: only rank 2.
     for cause in causes:
@@ -108,6 +113,35 @@ def test_dead_worker_turns_balancing_off_visibly_and_serving_goes_on(
         assert any("rebalancing is OFF" in t for t in r["errors"])
     assert "injected thread death" in ranks[3]["disabled_cause"]
     assert any("staging worker thread died" in t for t in ranks[3]["errors"])
+
+
+def test_a_stalled_vote_turns_balancing_off_on_every_rank_once(
+    results: dict[str, list[dict]],
+) -> None:
+    """Rank 1's copy of a ready vote never completes, so no rank's does:
+    each times out once, turns off (logged once), and no step waits again."""
+    ranks = results["vote_stall"]
+    events = ranks[0]["events"]
+    assert [kind for _, kind, _ in events] == ["off"], events
+    assert all(r["events"] == events for r in ranks)  # same step everywhere
+    for r in ranks:
+        assert not r["balancing_enabled"] and r["aborts"] == 0
+        assert "vote failed" in r["disabled_cause"], r["disabled_cause"]
+        off = [t for t in r["errors"] if "rebalancing is OFF from step" in t]
+        assert len(off) == 1, r["errors"]
+        assert r["max_step_s"] < 2 * r["timeout_s"], r["max_step_s"]
+        assert r["steps"] > events[0][0] + 16  # served two more intervals
+
+
+def test_a_stalled_planner_aborts_everywhere_then_recovers(
+    results: dict[str, list[dict]],
+) -> None:
+    ranks = results["plan_stall"]
+    _abort_then_next_interval_rebalances(ranks)
+    assert "placement not finished" in ranks[2]["abort_cause"]
+    assert all(r["abort_cause"] == "1 other rank(s) failed" for r in ranks[:2])
+    for r in ranks:
+        assert r["max_step_s"] < r["timeout_s"], r["max_step_s"]
 
 
 def test_soak_moves_weights_every_rebalance_and_memory_stays_flat(

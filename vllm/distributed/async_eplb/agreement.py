@@ -27,11 +27,9 @@ both); a layer then commits every 4 steps instead of every 3.
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +37,6 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "BlockingCollectiveCounter",
     "NonBlockingVote",
     "VoteError",
     "VoteResult",
@@ -227,58 +224,3 @@ def private_group(
         if me in ranks:
             mine = group
     return mine if len(my_ranks) > 1 else None
-
-
-_COLLECTIVES = (
-    "all_reduce",
-    "all_gather",
-    "all_gather_into_tensor",
-    "all_gather_object",
-    "all_to_all",
-    "all_to_all_single",
-    "barrier",
-    "broadcast",
-    "broadcast_object_list",
-    "gather",
-    "recv",
-    "reduce",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "scatter",
-    "send",
-)
-
-
-class BlockingCollectiveCounter:
-    """Counts blocking ``torch.distributed`` collectives issued by one thread.
-
-    A call counts unless it passes ``async_op=True``; the patch wraps the
-    module attributes, so it sees code that calls ``dist.<op>(...)``.
-    """
-
-    def __init__(self, thread: threading.Thread | None = None) -> None:
-        self.thread = thread or threading.current_thread()
-        self.count = 0
-        self.by_name: dict[str, int] = {}
-
-    def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            if threading.current_thread() is self.thread and not kwargs.get(
-                "async_op", False
-            ):
-                self.count += 1
-                self.by_name[name] = self.by_name.get(name, 0) + 1
-            return fn(*args, **kwargs)
-
-        return counted
-
-    @contextmanager
-    def installed(self) -> Iterator[BlockingCollectiveCounter]:
-        originals = {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
-        try:
-            for name, fn in originals.items():
-                setattr(dist, name, self._wrap(name, fn))
-            yield self
-        finally:
-            for name, fn in originals.items():
-                setattr(dist, name, fn)

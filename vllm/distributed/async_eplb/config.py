@@ -8,14 +8,15 @@ a typo fails at start-up with the variable and its value, not mid-serving.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .rebalance_algo import POLICIES as POLICY_REGISTRY
 
-__all__ = ["ENV_PREFIX", "AsyncEplbConfig", "plugin_enabled"]
+__all__ = ["DEFAULT_TIMEOUT_S", "ENV_PREFIX", "AsyncEplbConfig", "plugin_enabled"]
 
 ENV_PREFIX = "VLLM_ASYNC_EPLB"
+DEFAULT_TIMEOUT_S = 60.0
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 # The policy names are the registry's (one list).
@@ -61,6 +62,26 @@ def plugin_enabled(environ: Mapping[str, str] | None = None) -> bool:
     return True if raw is None else _parse_bool(ENV_PREFIX, raw)
 
 
+def _parse_text(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+# Each knob: variable suffix, field, parser(name, raw). Ranges and names are
+# checked once, in ``AsyncEplbConfig.__post_init__``.
+_ENV_FIELDS: tuple[tuple[str, str, Callable[[str, str], object]], ...] = (
+    ("POLICY", "policy", _parse_text),
+    ("TRANSPORT", "transport", _parse_text),
+    ("LAYERS_PER_STEP", "layers_per_step", lambda n, v: _parse_int(n, v, 1)),
+    ("MIN_GAIN", "min_gain", lambda n, v: _parse_float(n, v, 0.0, strict=False)),
+    ("VOTE_DELAY", "vote_delay", lambda n, v: _parse_int(n, v, 1)),
+    ("TIMEOUT_S", "timeout_s", lambda n, v: _parse_float(n, v, 0.0, strict=True)),
+    ("HEAL_REPLICAS", "heal_replicas", _parse_bool),
+    ("CHECK_AFTER_REBALANCE", "check_after_rebalance", _parse_bool),
+    ("RECORD", "record", _parse_text),
+    ("INIT_PLACEMENT", "init_placement", _parse_text),
+)
+
+
 @dataclass(frozen=True)
 class AsyncEplbConfig:
     """Knobs of the asynchronous path; defaults are the documented ones."""
@@ -75,9 +96,12 @@ class AsyncEplbConfig:
     """Skip a rebalance whose predicted balancedness gain is below this."""
     vote_delay: int = 2
     """Steps between launching a readiness vote and reading it (D)."""
-    timeout_s: float = 60.0
-    """A vote still incomplete this long after it is due aborts the rebalance;
-    a worker without progress this long reports itself timed out."""
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    """One limit, one meaning on every rank: a vote still incomplete this long
+    after it is due fails (balancing turns off on every rank); a plan not
+    ready, or staging without progress, this long after it started fails the
+    round (the next vote aborts it everywhere); a transport gives up a wait
+    after this long."""
     heal_replicas: bool = True
     """At start-up, copy replicas whose weights differ from their expert's
     primary slot from the slots that hold the expert (the warning is logged
@@ -131,37 +155,9 @@ class AsyncEplbConfig:
         """Read ``VLLM_ASYNC_EPLB_*``; unset variables take the defaults."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
-
-        def raw(suffix: str) -> tuple[str, str | None]:
+        for suffix, field_name, parse in _ENV_FIELDS:
             name = f"{ENV_PREFIX}_{suffix}"
-            return name, env.get(name)
-
-        name, value = raw("POLICY")
-        if value is not None:
-            values["policy"] = value.strip()
-        name, value = raw("TRANSPORT")
-        if value is not None:
-            values["transport"] = value.strip()
-        name, value = raw("LAYERS_PER_STEP")
-        if value is not None:
-            values["layers_per_step"] = _parse_int(name, value, 1)
-        name, value = raw("MIN_GAIN")
-        if value is not None:
-            values["min_gain"] = _parse_float(name, value, 0.0, strict=False)
-        name, value = raw("VOTE_DELAY")
-        if value is not None:
-            values["vote_delay"] = _parse_int(name, value, 1)
-        name, value = raw("TIMEOUT_S")
-        if value is not None:
-            values["timeout_s"] = _parse_float(name, value, 0.0, strict=True)
-        name, value = raw("HEAL_REPLICAS")
-        if value is not None:
-            values["heal_replicas"] = _parse_bool(name, value)
-        name, value = raw("CHECK_AFTER_REBALANCE")
-        if value is not None:
-            values["check_after_rebalance"] = _parse_bool(name, value)
-        for suffix in ("RECORD", "INIT_PLACEMENT"):
-            name, value = raw(suffix)
-            if value is not None:
-                values[suffix.lower()] = value.strip()
+            raw = env.get(name)
+            if raw is not None:
+                values[field_name] = parse(name, raw)
         return cls(**values)  # type: ignore[arg-type]

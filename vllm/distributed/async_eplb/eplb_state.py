@@ -10,14 +10,19 @@ How one rebalance runs (async mode), all decisions on the shared step clock:
 1. every ``step_interval`` steps the logical load window is summed over EP ranks
    by a non-blocking all-reduce (a "load" vote), read ``vote_delay`` steps later;
 2. the new placement, its predicted gain and the transfer plans are computed on
-   a helper thread; a rank whose plan is ready submits it to its staging worker
-   (unless the gain is below ``min_gain``);
+   the planner thread from CPU copies (``plan_thread.py``);
 3. while the rebalance is in flight a "ready" vote is launched a few steps after
    the previous one was read (one in flight at a time, ``NonBlockingVote.
-   may_launch``): per rank, planned / skip / error flags and staged layers. The
-   vote read at a step commits up to ``layers_per_step`` layers every rank has
-   staged, or skips, or aborts on every rank at once. Nothing here blocks on a
-   step where nothing is decided: votes are read after they have completed.
+   may_launch``): per rank, planned / skip / error flags and staged layers
+   (``ready_vote.py``). The vote that shows every rank planned (no skip, no
+   error) submits the jobs to the staging workers, on every rank at the same
+   step; later votes commit up to ``layers_per_step`` layers every rank has
+   staged; a vote may also skip, or abort on every rank at once. Nothing here
+   blocks on a step where nothing is decided: votes are read after they have
+   completed.
+
+Where the round stands is a ``RebalanceRound`` (``rebalance_round.py``);
+``docs/architecture.md`` shows the threads and what they hand each other.
 
 Sync mode (``use_async=False``) and profile runs move all layers at once through
 the same planner and transports.
@@ -76,6 +81,7 @@ from vllm.distributed.async_eplb.rebalance_plan import (
     PlannedRebalance,
     mean_predicted,
 )
+from vllm.distributed.async_eplb.rebalance_round import RebalanceRound, RoundState
 from vllm.distributed.async_eplb.replica_check import ReplicaCheck
 from vllm.distributed.async_eplb.staging_groups import StagingGroups
 from vllm.distributed.async_eplb.transports import make_transport, staging_backend
@@ -85,6 +91,16 @@ logger = logging.getLogger(__name__)
 __all__ = ["EpGroupInfo", "EplbCounters", "EplbModelState", "EplbState"]
 
 _ELASTIC = "elastic expert parallelism is not supported by async_eplb"
+# A round between its plan and its end: ready votes are launched.
+_VOTING = frozenset(
+    {
+        RoundState.PLANNING,
+        RoundState.PLANNED,
+        RoundState.SKIPPING,
+        RoundState.FAILED,
+        RoundState.STAGING,
+    }
+)
 
 
 def _join_threads(threads: list[threading.Thread], deadline: float) -> list[str]:
@@ -157,17 +173,10 @@ class EplbState:
         self._groups = StagingGroups(None, [])
         self._backend: Any = None
         self._staging_thread: Any = None  # shared by every model's worker
-        self._epoch = 0
-        # idle | aggregating | active | recovering | disabled | shut down
-        self._phase = "idle"
+        self._round = RebalanceRound(self.config.timeout_s)
         self._planner = PlannerThread("async-eplb-plan")
         self._plan_future: concurrent.futures.Future | None = None
         self._plan_loads: list[torch.Tensor] | None = None  # to plan after the step
-        self._plan_status = "none"  # none|planning|planned|submitted|skip|failed
-        self._plans: list[PlannedRebalance] = []
-        self._local_error: str | None = None
-        self._local_exc: BaseException | None = None
-        self._last_progress = self._plan_started = time.monotonic()
         self._async_started = False
         self._recorder: Any = None  # VLLM_ASYNC_EPLB_RECORD, on EP rank 0
         self.replica_check = ReplicaCheck(self.config)
@@ -372,7 +381,7 @@ class EplbState:
         self, is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False
     ) -> None:
         """Once per engine step on every rank, dummy steps included."""
-        if self._phase == "shut down":
+        if self._round.state is RoundState.SHUT_DOWN:
             return
         self.replica_check.poll()  # commit digests the device has finished
         if is_profile:
@@ -410,10 +419,10 @@ class EplbState:
         interval_due = (
             self.expert_rearrangement_step >= self.expert_rearrangement_step_interval
         )
-        if interval_due and self._phase == "idle":
+        if interval_due and self._round.state is RoundState.IDLE:
             self.expert_rearrangement_step = 0
             self.rearrange()
-        elif interval_due and self._phase == "disabled":
+        elif interval_due and self._round.state is RoundState.OFF:
             self.expert_rearrangement_step = 0
             if self.ep.rank == 0:
                 logger.warning(
@@ -421,11 +430,11 @@ class EplbState:
                     "current placement",
                     self.counters.disabled_cause,
                 )
-        if self.is_async and self._phase == "active":
+        if self.is_async and self._round.state in _VOTING:
             # One ready vote in flight, launched a few steps after the last read.
             if self._vote.may_launch(self.step_count, "ready"):
                 self._launch_ready_vote()
-        elif self._phase == "recovering":
+        elif self._round.state is RoundState.RECOVERING:
             # Abandoned receives may still land in the staging buffer, which
             # the rebuilt workers reuse: wait for them too.
             stopped = all(
@@ -433,7 +442,7 @@ class EplbState:
                 and (s.transport is None or s.transport.in_flight() == 0)
                 for s in self.model_states.values()
             )
-            self._launch("recover", torch.tensor([int(stopped)]), self._epoch)
+            self._launch("recover", torch.tensor([int(stopped)]), self._round.epoch)
         if rank_tokens is not None:
             self._launch(
                 "log",
@@ -487,16 +496,16 @@ class EplbState:
         if is_profile:
             self._profile_transfer()
             return None
-        self._epoch += 1
         totals = [s.window.total() for s in self.model_states.values()]
         payload = torch.cat([t.reshape(-1) for t in totals])
         if self.is_async:
-            self._phase = "aggregating"
+            epoch = self._round.begin()
             # The last entry counts ranks whose staging worker died (idle).
             dead = torch.tensor([int(self._dead_worker() is not None)])
             payload = torch.cat([payload.to("cpu", torch.int64), dead])
-            self._launch("load", payload, (self._epoch, [t.shape for t in totals]))
+            self._launch("load", payload, (epoch, [t.shape for t in totals]))
             return None
+        self._round.epoch += 1  # sync mode: counted, no round state
         self._rearrange_sync(payload, [t.shape for t in totals])
         return None
 
@@ -529,19 +538,17 @@ class EplbState:
 
     def _on_load_vote(self, result: VoteResult) -> None:
         epoch, shapes = result.context
-        if epoch != self._epoch or self._phase != "aggregating":
+        if (
+            epoch != self._round.epoch
+            or self._round.state is not RoundState.AGGREGATING
+        ):
             return
         dead = int(result.total[-1])
         if dead:
             self._disable(dead)
             return
-        loads = self._split(result.total[:-1], shapes)
-        self._phase = "active"
-        self._local_error = None
-        self._local_exc = None
-        self._last_progress = self._plan_started = time.monotonic()
-        self._plan_loads = loads  # submitted at the end of this step
-        self._plan_status = "planning"
+        self._round.start_planning()
+        self._plan_loads = self._split(result.total[:-1], shapes)  # end of step
 
     # -- async staging, vote and commit -----------------------------------------
     def _poll_local_plan(self) -> tuple[bool, bool]:
@@ -551,29 +558,25 @@ class EplbState:
         its peers waiting for its messages. They are submitted at the step
         whose vote shows every rank planned, no skip and no error.
         """
-        if self._plan_status == "planning":
-            if self._plan_future is None or not self._plan_future.done():
-                if time.monotonic() - self._plan_started > self.config.timeout_s:
-                    self._abandon_planner()
-                    return True, False
-                return False, False
+        r = self._round
+        future = self._plan_future
+        if r.state is RoundState.PLANNING and future is not None and future.done():
             try:
-                self._plans = self._plan_future.result()
+                plans = future.result()
             except Exception as exc:  # reported through the vote, logged once
-                self._local_error = f"placement failed: {exc!r}"
-                self._plan_status = "failed"
-                return True, False
-            skip = self._gain_too_small(self._plans)
-            self._plan_status = "skip" if skip else "planned"
-        return self._plan_status != "planning", self._plan_status == "skip"
+                r.fail(f"placement failed: {exc!r}")
+            else:
+                r.planned(plans, skip=self._gain_too_small(plans))
+        elif r.plan_overdue():
+            self._abandon_planner()
+        return r.state is not RoundState.PLANNING, r.state is RoundState.SKIPPING
 
     def _abandon_planner(self) -> None:
         """The plan is past its deadline: report it, plan on a fresh thread."""
-        self._local_error = (
+        self._round.fail(
             f"placement not finished after {self.config.timeout_s:.1f} s "
             "(planner thread abandoned)"
         )
-        self._plan_status = "failed"
         self._plan_future = None
         self._planner.abandon()
 
@@ -590,11 +593,10 @@ class EplbState:
                 # The worker prepares the maps on the device while staging.
                 try:
                     state.worker.submit(
-                        self._epoch, jobs, maps=state.maps, new_rows=rows
+                        self._round.epoch, jobs, maps=state.maps, new_rows=rows
                     )
                 except RuntimeError as exc:  # a dead worker: the next vote aborts
-                    self._local_error = f"staging worker refused the job: {exc}"
-                    self._local_exc = exc
+                    self._round.fail(f"staging worker refused the job: {exc}", exc)
 
     def _workers_idle(self) -> bool:
         """No worker thread is still inside a layer of an earlier (aborted) job.
@@ -612,13 +614,13 @@ class EplbState:
         return True
 
     def _launch_ready_vote(self) -> None:
+        r = self._round
         planned, skip = self._poll_local_plan()
         # Report "planned" only once this rank could start staging right away.
-        waiting_idle = self._plan_status == "planned" and not self._workers_idle()
+        waiting_idle = r.state is RoundState.PLANNED and not self._workers_idle()
         planned = planned and not waiting_idle
         states = list(self.model_states.values())
         staged_by_model: list[tuple[int, ...]] = []
-        error = self._local_error is not None
         staged_any = False
         for state in states:
             staged_by_model.append(())
@@ -626,29 +628,23 @@ class EplbState:
                 continue
             status = state.worker.status()
             # An error before this job was submitted belongs to an aborted job.
-            if status.error is not None and self._plan_status == "submitted":
-                error = True
-                if self._local_error is None:
-                    self._local_error = f"staging worker failed: {status.error}"
-                    self._local_exc = status.error
+            if status.error is not None and r.state is RoundState.STAGING:
+                r.fail(f"staging worker failed: {status.error}", status.error)
             staged = [i for i in status.staged if i in state.pending_layers]
             staged_by_model[-1] = tuple(staged)
             staged_any = staged_any or bool(staged)
         busy = any(s.pending_layers for s in states) or waiting_idle
-        if staged_any or not busy:
-            self._last_progress = time.monotonic()
-        elif time.monotonic() - self._last_progress > self.config.timeout_s:
-            error = True
-            self._local_error = self._local_error or self._stall_cause()
+        if r.stalled(progressed=staged_any or not busy) and r.local_error is None:
+            r.fail(self._stall_cause())
         report = ReadyReport(
-            error=error,
+            error=r.local_error is not None,
             planned=planned,
             skip=skip,
             dead=self._dead_worker() is not None,
             staged=tuple(staged_by_model),
         )
         payload = encode_ready(report, self._layers_per_model())
-        self._launch("ready", torch.tensor(payload, dtype=torch.int64), self._epoch)
+        self._launch("ready", torch.tensor(payload, dtype=torch.int64), r.epoch)
 
     def _layers_per_model(self) -> list[int]:
         return [s.model.num_moe_layers for s in self.model_states.values()]
@@ -669,7 +665,8 @@ class EplbState:
         return cause
 
     def _on_ready_vote(self, result: VoteResult) -> None:
-        if result.context != self._epoch or self._phase != "active":
+        r = self._round
+        if result.context != r.epoch or r.state not in _VOTING:
             return
         tally = decode_ready(result.total, self._layers_per_model())
         world = self.ep.world_size
@@ -678,8 +675,8 @@ class EplbState:
             return
         if tally.errors > 0:
             self._abort(
-                self._local_error or f"{tally.errors} other rank(s) failed",
-                local=self._local_error is not None,
+                r.local_error or f"{tally.errors} other rank(s) failed",
+                local=r.local_error is not None,
             )
             return
         if tally.planned < world:
@@ -691,9 +688,9 @@ class EplbState:
         if skips:
             self._abort(f"ranks disagree on skipping ({skips} of {world})", local=False)
             return
-        if self._plan_status == "planned":
-            self._submit(self._plans)
-            self._plan_status = "submitted"
+        if r.state is RoundState.PLANNED:
+            r.submitted()
+            self._submit(r.plans)
         self._commit_ready(tally)
 
     def _commit_ready(self, tally: ReadyTally) -> None:
@@ -729,20 +726,18 @@ class EplbState:
         if state.worker is None or state.harvested:
             return
         status = state.worker.status()
-        if status.job_id != self._epoch:
+        if status.job_id != self._round.epoch:
             return
         self.counters.bytes_moved += status.bytes_received
         keep_recent(self.counters.staging_seconds, list(status.layer_seconds))
         state.harvested = True
 
     def _end_epoch(self) -> None:
-        self._phase = "idle"
+        """The round is over (its state already says how): clear its traces."""
+        if self._round.in_flight:
+            self._round.finish()
         self._plan_future = None
         self._plan_loads = None
-        self._plan_status = "none"
-        self._plans = []
-        self._local_error = None
-        self._local_exc = None
         for state in self.model_states.values():
             state.plan = None
             state.pending_layers = []
@@ -755,7 +750,7 @@ class EplbState:
             logger.info(
                 "async EPLB: rebalance %d committed at step %d "
                 "(predicted balancedness %.4f -> %.4f)",
-                self._epoch,
+                self._round.epoch,
                 self.step_count,
                 old,
                 new,
@@ -790,17 +785,16 @@ class EplbState:
             logger.error(
                 "async EPLB: rebalance %d aborted at step %d on rank %d: %s; "
                 "layers keep their placement, the next interval tries again",
-                self._epoch,
+                self._round.epoch,
                 self.step_count,
                 self.ep.rank,
                 cause,
-                exc_info=self._local_exc if local else None,
+                exc_info=self._round.local_exc if local else None,
             )
-        staging_started = self._plan_status == "submitted"
+        staging_started = self._round.state is RoundState.STAGING
         self._stop_workers(request_only=staging_started)
+        self._round.abort()  # to RECOVERING if staging had started
         self._end_epoch()
-        if staging_started:
-            self._phase = "recovering"
 
     def _stop_workers(self, *, request_only: bool) -> None:
         """Drop the in-flight job; with ``request_only`` also ask threads to end.
@@ -846,11 +840,13 @@ class EplbState:
             cause,
         )
         self._stop_workers(request_only=True)
+        if self._round.state is not RoundState.OFF:
+            self._round.turn_off()
         self._end_epoch()
-        self._phase = "disabled"
 
     def _on_recover_vote(self, result: VoteResult) -> None:
-        if result.context != self._epoch or self._phase != "recovering":
+        r = self._round
+        if result.context != r.epoch or r.state is not RoundState.RECOVERING:
             return
         if int(result.total[0]) < self.ep.world_size:
             return  # some rank's worker is still inside a transfer
@@ -865,7 +861,7 @@ class EplbState:
             state.worker = self._new_worker(state)
             if self._async_started:
                 state.worker.start()
-        self._phase = "idle"
+        self._round.recovered()
 
     def _on_log_vote(self, result: VoteResult) -> None:
         rearrangement_step, shapes = result.context
@@ -961,7 +957,7 @@ class EplbState:
         Every slot changes and every expert comes from another rank, so the
         transport's buffers are allocated while vLLM profiles memory.
         """
-        if self._phase != "idle":
+        if self._round.state is not RoundState.IDLE:
             return
         world = self.ep.world_size
         warm_up(self.config.policy)  # JIT now, not mid-serving
@@ -1052,9 +1048,9 @@ class EplbState:
         under a waiting thread is unsafe); it is a daemon and cannot block
         the process's exit. ``step()`` does nothing afterwards.
         """
-        if self._phase == "shut down":
+        if self._round.state is RoundState.SHUT_DOWN:
             return
-        self._phase = "shut down"
+        self._round.shut_down()
         if self._recorder is not None:
             self._recorder.close()
         workers = [s.worker for s in self.model_states.values() if s.worker]

@@ -15,12 +15,6 @@ more at each commit. ``cancel`` drops the layers not yet allowed; a layer
 already allowed is still staged (peers are staging it too, and their messages
 must be matched) and then thrown away. Workspace weights change only in
 ``commit_layer``, so a cancelled layer leaves them untouched.
-
-Fault injection (tests only): :func:`install_fault_hook` sets a process-wide
-callable the worker thread calls before staging each layer, with the job id
-and the layer. It may raise (staging fails), sleep (staging is slow) or raise
-a ``BaseException`` that is not an ``Exception`` (the thread dies). Nothing in
-the package installs one; unset, it costs one global read per staged layer.
 """
 
 from __future__ import annotations
@@ -29,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -51,24 +45,9 @@ __all__ = [
     "StagingThread",
     "StagingWorker",
     "WorkerStatus",
-    "install_fault_hook",
 ]
 
 logger = logging.getLogger(__name__)
-
-FaultHook = Callable[[int, int], None]
-"""``hook(job_id, layer)``, called by the worker thread before staging a layer."""
-_fault_hook: FaultHook | None = None
-
-
-def install_fault_hook(hook: FaultHook | None) -> None:
-    """Test only: make every staging worker of this process call ``hook``.
-
-    ``None`` removes it. Used by the reliability tests to inject a failure,
-    a slow transfer or a thread death at a chosen job and layer.
-    """
-    global _fault_hook
-    _fault_hook = hook
 
 
 class StagingError(RuntimeError):
@@ -513,9 +492,6 @@ class StagingWorker:
                 backend.synchronize_event(job.ready_event)
                 self.transport.prepare_job(tag_space)
             backend.wait_event(free_event)
-            hook = _fault_hook
-            if hook is not None:
-                hook(job.job_id, layer)
             received = self.transport.stage_layer(
                 job.plans[layer],
                 self.rank,

@@ -19,9 +19,10 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from collective_counter import BlockingCollectiveCounter
 from toy_routing import zipf_routing
 
-from vllm.distributed.async_eplb.agreement import BlockingCollectiveCounter
+from vllm.distributed.async_eplb import plan_thread
 from vllm.distributed.async_eplb.config import AsyncEplbConfig
 from vllm.distributed.async_eplb.eplb_state import EpGroupInfo, EplbState
 from vllm.distributed.async_eplb.simulation.toy_moe import ToyMoE
@@ -96,16 +97,16 @@ def main() -> None:
     ms = state.model_states["toy-hash"]
 
     if args.fail_planning_rank == rank:
-        original = state._compute_plans
+        original = plan_thread.compute_plans
         calls = {"n": 0}
 
-        def failing(loads):
+        def failing(request):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise RuntimeError("injected placement failure")
-            return original(loads)
+            return original(request)
 
-        state._compute_plans = failing
+        plan_thread.compute_plans = failing  # what the planner thread runs
 
     if args.fail_staging_rank == rank:
         transport = ms.transport

@@ -7,9 +7,9 @@ import time
 
 import torch
 import torch.distributed as dist
+from collective_counter import BlockingCollectiveCounter
 
 from vllm.distributed.async_eplb.agreement import (
-    BlockingCollectiveCounter,
     NonBlockingVote,
     VoteTimeout,
     private_group,

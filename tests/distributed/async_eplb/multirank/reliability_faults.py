@@ -4,11 +4,16 @@ Each scenario runs on a fresh ``EplbState`` and ``ToyMoE``, in one process
 group, in the order given; ``shutdown`` must come last (it ends the process).
 At every step, on every rank, the output must equal the unmoved reference bit
 for bit (an assertion here fails the run). Faults are injected through the
-worker's test-only hook (``worker.install_fault_hook``) on one rank:
+test-only hook (``fault_hook.install_fault_hook``) on one rank:
 
 - ``raise``: staging a layer raises on rank 1, in the middle of a job;
 - ``slow``: staging a layer sleeps past the timeout on rank 2;
 - ``die``: the staging thread of rank 3 dies (a ``BaseException``);
+- ``vote_stall``: rank 1's copy of one ready vote never completes (so its
+  peers' copies lack rank 1 and never complete either): every rank times
+  out once and turns balancing off;
+- ``plan_stall``: rank 2's planner takes longer than the timeout: the round
+  fails there, the vote aborts it everywhere, the next interval rebalances;
 - ``soak``: ``--soak-rebalances`` rebalances under drifting load, the
   workspace checked against the maps after each, RSS sampled after each;
 - ``shutdown``: every rank shuts EplbState down in the middle of a rebalance,
@@ -32,9 +37,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from fault_hook import install_fault_hook
 from toy_routing import zipf_routing
 
-from vllm.distributed.async_eplb import worker as worker_module
+from vllm.distributed.async_eplb import plan_thread
 from vllm.distributed.async_eplb.config import AsyncEplbConfig
 from vllm.distributed.async_eplb.eplb_state import EpGroupInfo, EplbState
 from vllm.distributed.async_eplb.simulation.toy_moe import ToyMoE
@@ -152,7 +158,7 @@ def drive(
     step_seconds: list[float] = []
     for step in range(steps):
         before = (c.aborts, c.rebalances, c.balancing_enabled, c.skips)
-        epoch = state._epoch  # a step may end one rebalance and start the next
+        epoch = state._round.epoch  # a step may end one rebalance and start the next
         step_seconds.append(one_step(state, model, step, phase_len))
         if c.aborts != before[0]:
             events.append((step, "abort", epoch))
@@ -178,24 +184,88 @@ def agree(value: Any) -> None:
 def fire_once(kind: str, on_rank: int, at_call: int = 2) -> None:
     """Install a hook that injects ``kind`` at the ``at_call``-th staged layer."""
     if dist.get_rank() != on_rank:
-        worker_module.install_fault_hook(None)
+        install_fault_hook(None)
         return
     calls = {"n": 0}
 
-    def hook(job_id: int, layer: int) -> None:
+    def hook() -> None:
         calls["n"] += 1
         if calls["n"] != at_call:
             return
         if kind == "raise":
-            raise RuntimeError(
-                f"injected staging failure (job {job_id}, layer {layer})"
-            )
+            raise RuntimeError(f"injected staging failure (staged layer {at_call})")
         if kind == "slow":
             time.sleep(2.5 * TIMEOUT_S)
         if kind == "die":
-            raise WorkerKilled(f"injected thread death (job {job_id}, layer {layer})")
+            raise WorkerKilled(f"injected thread death (staged layer {at_call})")
 
-    worker_module.install_fault_hook(hook)
+    install_fault_hook(hook)
+
+
+class NeverDone:
+    """A collective work that never completes (a stalled vote)."""
+
+    def is_completed(self) -> bool:
+        return False
+
+    def wait(self) -> bool:
+        raise RuntimeError("a stalled vote was waited for")
+
+
+def stall_one_vote(state: EplbState, on_rank: int, at_launch: int = 3) -> None:
+    """On ``on_rank``, the ``at_launch``-th ready vote skips its all-reduce."""
+    vote = state._vote
+    if dist.get_rank() != on_rank or vote is None or vote._allreduce is None:
+        return
+    real, launches = vote._allreduce, {"n": 0}
+
+    def allreduce(tensors: list) -> Any:
+        launches["n"] += 1
+        return NeverDone() if launches["n"] == at_launch else real(tensors)
+
+    vote._allreduce = allreduce
+
+
+def stall_planner_once(on_rank: int) -> None:
+    """On ``on_rank``, the next plan takes 2.5 timeouts."""
+    if dist.get_rank() != on_rank:
+        return
+    real = plan_thread.compute_plans
+    calls = {"n": 0}
+
+    def slow(request: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            time.sleep(2.5 * TIMEOUT_S)
+        return real(request)
+
+    plan_thread.compute_plans = slow
+
+
+def stall_scenario(kind: str, steps: int, errors: ErrorRecords) -> dict:
+    state, model = make_state(interval=8, window=4, layers_per_step=1)
+    errors.texts.clear()
+    real_plans = plan_thread.compute_plans
+    if kind == "vote_stall":
+        stall_one_vote(state, on_rank=1)
+    else:
+        stall_planner_once(on_rank=2)
+    result = drive(state, model, steps, phase_len=8, until=recovered)
+    plan_thread.compute_plans = real_plans
+    agree(result["events"])
+    agree(state.model_states["toy-hash"].maps.phy2log.tolist())
+    c = state.counters
+    result.update(
+        aborts=c.aborts,
+        rebalances=c.rebalances,
+        abort_cause=c.last_abort_cause,
+        balancing_enabled=c.balancing_enabled,
+        disabled_cause=c.disabled_cause,
+        errors=list(errors.texts),
+        timeout_s=TIMEOUT_S,
+    )
+    state.shutdown()
+    return result
 
 
 def recovered(state: EplbState, events: list) -> bool:
@@ -214,7 +284,7 @@ def fault_scenario(kind: str, on_rank: int, steps: int, errors: ErrorRecords) ->
     errors.texts.clear()
     fire_once(kind, on_rank)
     result = drive(state, model, steps, phase_len=8, until=recovered)
-    worker_module.install_fault_hook(None)
+    install_fault_hook(None)
     agree(result["events"])
     c = state.counters
     result.update(
@@ -305,7 +375,10 @@ def shutdown_scenario() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--scenarios", default="raise,slow,die,soak,shutdown")
+    parser.add_argument(
+        "--scenarios",
+        default="raise,slow,die,vote_stall,plan_stall,soak,shutdown",
+    )
     parser.add_argument("--soak-rebalances", type=int, default=200)
     parser.add_argument("--out-dir", required=True)
     args = parser.parse_args()
@@ -326,6 +399,8 @@ def main() -> None:
             result = fault_scenario("slow", 2, 1000, errors)
         elif name == "die":
             result = fault_scenario("die", 3, 200, errors)
+        elif name in ("vote_stall", "plan_stall"):
+            result = stall_scenario(name, 200, errors)
         elif name == "soak":
             result = soak_scenario(args.soak_rebalances)
         elif name == "shutdown":

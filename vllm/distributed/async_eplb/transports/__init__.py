@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
+from vllm.distributed.async_eplb.config import DEFAULT_TIMEOUT_S
 from vllm.distributed.async_eplb.device import DeviceBackend
 from vllm.distributed.async_eplb.planner import LayerPlan, RankPlan
 from vllm.distributed.async_eplb.staging import copy_slot_runs, slot_runs
@@ -37,7 +38,6 @@ __all__ = [
 ]
 
 TRANSPORT_NAMES = ("auto", "gloo-staged", "p2p", "ipc")
-DEFAULT_TIMEOUT_S = 120.0
 
 
 class TransferError(RuntimeError):
