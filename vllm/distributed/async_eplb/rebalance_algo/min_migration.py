@@ -28,7 +28,7 @@ import numpy as np
 
 from .balanced import balanced_with_default_peak, rebalance_balanced
 from .default import preserve_rank_slots, rebalance_default
-from .quality import rank_loads
+from .quality import rank_loads, replica_counts
 from .validation import uses_hierarchy
 
 logger = logging.getLogger(__name__)
@@ -95,8 +95,8 @@ def rebalance_min_migration(
         mean_load / np.maximum(fresh_balance - tolerance, 1e-9), default_peak
     )
     rows = np.arange(load.shape[0])[:, None]
-    goal_counts = np.zeros(load.shape, dtype=np.int64)
-    np.add.at(goal_counts, (rows, fresh), 1)
+    goal_counts = replica_counts(fresh, load.shape[1])
+    goal_order = np.argsort(load / goal_counts, axis=1, kind="stable")
 
     hierarchical = num_nodes > 1 and uses_hierarchy(num_groups, num_nodes)
     ranks_per_node = num_ranks // num_nodes
@@ -123,6 +123,7 @@ def rebalance_min_migration(
                 float(target),
                 goal_counts[layer],
                 home[layer],
+                goal_order[layer],
                 _SWAPS_PER_SLOT * num_replicas,
                 full_counts,
             )
@@ -395,6 +396,7 @@ def _repair_layer(
     target,
     goal_count,
     home,
+    goal_order,
     max_swaps,
     full_counts,
 ):
@@ -443,7 +445,16 @@ def _repair_layer(
     share = np.empty(num_experts)
     for expert in range(num_experts):
         share[expert] = weight[expert] / max(count[expert], 1)
-    share_order = np.argsort(share, kind="mergesort")  # same ties without numba
+    # ``goal_order`` sorts the goal counts' shares; counts that differ move
+    # few experts, so an insertion sort finishes in near-linear time.
+    share_order = goal_order.copy()
+    for i in range(1, num_experts):
+        expert = share_order[i]
+        j = i
+        while j > 0 and share[share_order[j - 1]] > share[expert]:
+            share_order[j] = share_order[j - 1]
+            j -= 1
+        share_order[j] = expert
     start = np.zeros(num_experts + 1, np.int64)
     for slot in range(num_slots):
         start[row[slot] + 1] += 1

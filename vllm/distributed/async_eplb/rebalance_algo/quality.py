@@ -19,6 +19,7 @@ __all__ = [
     "new_experts_per_rank",
     "peak_lower_bound",
     "rank_loads",
+    "replica_counts",
 ]
 
 
@@ -40,6 +41,15 @@ def _slots_per_rank(num_physical: int, num_ranks: int) -> int:
     return num_physical // num_ranks
 
 
+def replica_counts(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
+    """Replicas of each expert per layer, ``[L, num_experts]`` int64."""
+    num_layers = phy2log.shape[0]
+    flat = phy2log + (np.arange(num_layers) * num_experts)[:, None]
+    return np.bincount(flat.ravel(), minlength=num_layers * num_experts).reshape(
+        num_layers, num_experts
+    )
+
+
 def rank_loads(weight: object, phy2log: object, num_ranks: int) -> np.ndarray:
     """Tokens each rank serves, ``[L, num_ranks]`` float64."""
     load = _as_2d(weight, "weight").astype(np.float64)
@@ -53,8 +63,7 @@ def rank_loads(weight: object, phy2log: object, num_ranks: int) -> np.ndarray:
     if placement.size and (placement.min() < 0 or placement.max() >= num_experts):
         raise ValueError(f"phy2log holds ids outside [0, {num_experts})")
     rows = np.arange(num_layers)[:, None]
-    counts = np.zeros((num_layers, num_experts), dtype=np.int64)
-    np.add.at(counts, (rows, placement), 1)
+    counts = replica_counts(placement, num_experts)
     per_slot = load[rows, placement] / counts[rows, placement]
     return per_slot.reshape(num_layers, num_ranks, slots).sum(axis=-1)
 
