@@ -86,7 +86,7 @@ def test_target_and_moe_drafter_share_one_eplb_state_bit_exact(
 ) -> None:
     """vLLM registers an MoE drafter with the target's ``EplbState``: both
     rebalance several times, every output of both bit-exact at every step."""
-    run_torchrun(TWO_MODELS, ranks, ["--out-dir", str(tmp_path)], timeout=240)
+    run_torchrun(TWO_MODELS, ranks, ["--out-dir", str(tmp_path)], timeout=600)
     results = [
         json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)
     ]
