@@ -66,6 +66,34 @@ def test_staging_views_have_weight_shapes_and_are_disjoint() -> None:
         buf.slot(2)
 
 
+def test_staging_by_tensor_keeps_each_tensor_contiguous() -> None:
+    weights = layer_weights()
+    buf = StagingBuffer(
+        weights, DeviceBackend.for_device("cpu"), ring_size=2, by_tensor=True
+    )
+    assert buf.by_tensor and buf.packed(0) is None
+    for ring in range(2):
+        for view, w in zip(buf.slot(ring), weights, strict=True):
+            assert view.shape == w.shape and view.dtype == w.dtype
+            assert view.is_contiguous()
+            assert view.data_ptr() % 16 == 0
+    # Every byte of one ring slot belongs to exactly one view.
+    for ring, value in ((0, 0x11), (1, 0x22)):
+        for view in buf.slot(ring):
+            view.view(torch.uint8).fill_(value)
+    for ring, value in ((0, 0x11), (1, 0x22)):
+        for view in buf.slot(ring):
+            assert bool((view.view(torch.uint8) == value).all())
+    # A run of slots of one tensor is one contiguous range; the rest is kept.
+    run = buf.slot(1)[1][2:5]
+    assert run.is_contiguous()
+    run.copy_(weights[1][0:3])
+    assert torch.equal(buf.slot(1)[1][2:5], weights[1][0:3])
+    assert bool((buf.slot(0)[1].view(torch.uint8) == 0x11).all())
+    rows = StagingBuffer(weights, DeviceBackend.for_device("cpu"))
+    assert not rows.by_tensor and rows.packed(0) is not None
+
+
 def test_staging_rejects_mismatched_tensors() -> None:
     with pytest.raises(ValueError, match=r"weight tensor 1 has shape \(4, 2\)"):
         StagingBuffer(

@@ -68,7 +68,9 @@ def test_message_tags_differ_per_job_and_layer_and_fit_gloo() -> None:
         message_tag(-1, 0)
 
 
-def _direct_exchange_stages_every_slot(num_ranks: int, flat: bool, seed: int) -> None:
+def _direct_exchange_stages_every_slot(
+    num_ranks: int, one_tensor: bool, by_tensor: bool, seed: int
+) -> None:
     """Pair every sender's direct messages with its receiver's, in order, and
     copy them: with local copies and duplicates, each rank's staging rows must
     hold its new placement's experts (the message lists of NCCL's batch)."""
@@ -85,19 +87,25 @@ def _direct_exchange_stages_every_slot(num_ranks: int, flat: bool, seed: int) ->
     plan = plan_layer(old, new, num_ranks, ranks_per_node=1)
     # expert e's bytes: row e of each table (two tensors unless flat)
     tables = [torch.randint(256, (experts, 64), dtype=torch.uint8, generator=gen)]
-    if not flat:
+    if not one_tensor:
         tables.append(torch.randn(experts, 3, 5, generator=gen).to(torch.bfloat16))
     weights = [
         [t[old[r * slots : (r + 1) * slots]] for t in tables] for r in range(num_ranks)
     ]
-    staging = [StagingBuffer(w, DeviceBackend.for_device("cpu")) for w in weights]
+    cpu = DeviceBackend.for_device("cpu")
+    staging = [StagingBuffer(w, cpu, by_tensor=by_tensor) for w in weights]
     buffers = [b.slot(0) for b in staging]
-    for b in staging:
-        b.packed(0).fill_(0xAB)  # poison: every staged slot must be written
-    layout_flat = [
-        len(w) == 1 and RowLayout.of(w).row_bytes == row_nbytes(w) for w in weights
-    ]
-    assert layout_flat[0] == flat
+    for views in buffers:
+        for view in views:  # poison: every staged slot must be written
+            view.view(torch.uint8).fill_(0xAB)
+    # What P2PTransport decides: runs merge when every staging tensor is
+    # contiguous (laid out by tensor, or one unpadded tensor).
+    flat = all(v.is_contiguous() for v in buffers[0])
+    one_row = len(weights[0]) == 1
+    assert flat == (
+        by_tensor
+        or (one_row and RowLayout.of(weights[0]).row_bytes == row_nbytes(weights[0]))
+    )
     for src in range(num_ranks):
         for dst in range(num_ranks):
             sends = [t for t in plan.ranks[src].sends if t.dst_rank == dst]
@@ -119,13 +127,17 @@ def _direct_exchange_stages_every_slot(num_ranks: int, flat: bool, seed: int) ->
                 assert torch.equal(view[slot], table[expert]), (rank, slot)
 
 
-@pytest.mark.parametrize("flat", [True, False], ids=["one-tensor", "two-tensors"])
+@pytest.mark.parametrize(
+    "one_tensor,by_tensor",
+    [(True, False), (False, False), (False, True)],
+    ids=["one-tensor", "two-tensors", "two-tensors-by-tensor"],
+)
 @pytest.mark.parametrize("num_ranks", [2, 4])
 def test_direct_messages_pair_up_and_stage_every_slot(
-    num_ranks: int, flat: bool
+    num_ranks: int, one_tensor: bool, by_tensor: bool
 ) -> None:
     for seed in range(5):
-        _direct_exchange_stages_every_slot(num_ranks, flat, seed)
+        _direct_exchange_stages_every_slot(num_ranks, one_tensor, by_tensor, seed)
 
 
 def test_direct_runs_merge_only_flat_runs_consecutive_on_both_sides() -> None:

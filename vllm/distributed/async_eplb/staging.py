@@ -1,11 +1,18 @@
 """The staging buffer: one layer's local experts, allocated once.
 
-All weight tensors of a layer are interleaved per expert in one byte buffer
-``[ring, S, row_bytes]``: row ``s`` holds expert slot ``s`` of every tensor
-back to back. A transport can then receive several experts of one peer, all
-tensors included, as one message straight into consecutive rows, and
-:meth:`StagingBuffer.slot` still hands out per-tensor views with the weights'
-shapes and dtypes.
+Two layouts of one ring slot's bytes, both handing out per-tensor views with
+the weights' shapes and dtypes (:meth:`StagingBuffer.slot`):
+
+- by expert: the layer's tensors interleaved per expert, ``[S, row_bytes]``
+  rows where row ``s`` holds expert slot ``s`` of every tensor back to back.
+  gloo, which pays per message, then receives several experts of one peer,
+  all tensors included, as one message straight into consecutive rows
+  (:meth:`StagingBuffer.packed`). The CPU default.
+- by tensor: each tensor's ``S`` rows contiguous, one tensor after another,
+  as the workspace holds them. A run of experts of one tensor is then one
+  contiguous range on both sides: NCCL sends it as one message and a CUDA
+  IPC pull is one memcpy, where the interleaved rows need one message or a
+  strided copy per expert and tensor. The default on accelerators.
 """
 
 from __future__ import annotations
@@ -67,13 +74,19 @@ class RowLayout:
 
 
 class StagingBuffer:
-    """``ring_size`` slots, each holding one layer's local experts."""
+    """``ring_size`` slots, each holding one layer's local experts.
+
+    ``by_tensor`` picks the layout (see the module docstring); ``None``: by
+    tensor on an accelerator, by expert on CPU.
+    """
 
     def __init__(
         self,
         layer_weights: Sequence[torch.Tensor],
         backend: DeviceBackend,
         ring_size: int = 1,
+        *,
+        by_tensor: bool | None = None,
     ) -> None:
         if ring_size < 1:
             raise ValueError(f"ring_size must be >= 1, got {ring_size}")
@@ -81,29 +94,70 @@ class StagingBuffer:
         self.num_slots_per_rank = layer_weights[0].shape[0]
         self.ring_size = ring_size
         self.backend = backend
+        if by_tensor is None:
+            by_tensor = not backend.is_synchronous
+        self.by_tensor = by_tensor
+        num = self.num_slots_per_rank
+        if by_tensor:
+            spans = _tensor_spans(self.layout, num)
+            end = spans[-1][0] + spans[-1][1]
+            slot_bytes = max(-(-end // _ALIGN) * _ALIGN, _ALIGN)
+        else:
+            slot_bytes = num * self.layout.row_bytes
+        # The buffer's bytes, one row per ring slot.
         self._packed = torch.empty(
-            (ring_size, self.num_slots_per_rank, self.layout.row_bytes),
-            dtype=torch.uint8,
-            device=backend.device,
+            (ring_size, slot_bytes), dtype=torch.uint8, device=backend.device
         )
-        self._views = [self.layout.views(self._packed[i]) for i in range(ring_size)]
+        if by_tensor:
+            self._views = [
+                [
+                    self._packed[i, start : start + nbytes]
+                    .view(dtype)
+                    .view(num, *shape)
+                    for (start, nbytes), shape, dtype in zip(
+                        spans, self.layout.shapes, self.layout.dtypes, strict=True
+                    )
+                ]
+                for i in range(ring_size)
+            ]
+        else:
+            self._views = [self.layout.views(self._rows(i)) for i in range(ring_size)]
 
     def slot(self, i: int) -> list[torch.Tensor]:
         """Per-tensor views ``[S, ...]`` of ring slot ``i`` (weights' dtypes)."""
         return self._views[self._check(i)]
 
-    def packed(self, i: int) -> torch.Tensor:
-        """Ring slot ``i`` as ``[S, row_bytes]`` uint8 (one row per expert slot)."""
-        return self._packed[self._check(i)]
+    def packed(self, i: int) -> torch.Tensor | None:
+        """Ring slot ``i`` as ``[S, row_bytes]`` uint8 rows (one per expert
+        slot); ``None`` when the buffer is laid out by tensor."""
+        i = self._check(i)
+        return None if self.by_tensor else self._rows(i)
 
     @property
     def nbytes(self) -> int:
         return self._packed.numel()
 
+    def _rows(self, i: int) -> torch.Tensor:
+        return self._packed[i].view(self.num_slots_per_rank, self.layout.row_bytes)
+
     def _check(self, i: int) -> int:
         if not 0 <= i < self.ring_size:
             raise ValueError(f"ring slot {i} is out of range [0, {self.ring_size})")
         return i
+
+
+def _tensor_spans(layout: RowLayout, num_slots: int) -> list[tuple[int, int]]:
+    """``(start, nbytes)`` of each tensor's ``num_slots`` rows, laid end to end
+    (starts aligned)."""
+    spans, start = [], 0
+    for shape, dtype in zip(layout.shapes, layout.dtypes, strict=True):
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = num_slots * numel * torch.empty((), dtype=dtype).element_size()
+        spans.append((start, nbytes))
+        start += -(-nbytes // _ALIGN) * _ALIGN
+    return spans
 
 
 def slot_runs(

@@ -3,9 +3,10 @@
 On device collectives (NCCL, HCCL) nothing is packed: every message goes
 straight from the sender's workspace rows into the receiver's staging rows,
 all of a layer's messages in one coalesced batch, and the rank's local copies
-run on its stream while the batch travels. A message is a run of experts
-consecutive on both sides when the layer is one tensor, else one expert's
-row of one weight tensor (see :func:`direct_runs`). On gloo, which pays per
+run on its stream while the batch travels. A message is one weight tensor's
+part of a run of experts consecutive on both sides when the staging buffer
+is laid out by tensor, else one expert's row of one weight tensor (see
+:func:`direct_runs`). On gloo, which pays per
 message, the experts one rank sends to a peer are packed, all weight tensors
 included, into ``row_bytes`` rows and sent as one message, spread to their
 slots on arrival; on CPU the receives are posted first and each send as soon
@@ -96,11 +97,11 @@ def direct_runs(
     """``(src_slot, dst_slot, n)`` of each run sent as its own message(s).
 
     ``transfers`` are one pair of ranks' transfers in the order both sides use
-    (by first target slot), so sender and receiver derive the same runs. A
-    ``flat`` layer (one weight tensor, staging rows without padding) sends
-    each run of experts consecutive on both sides as one message. Otherwise
-    each expert is a run of one, sent as one message per weight tensor: in
-    the interleaved staging rows, one expert's part of one tensor is
+    (by first target slot), so sender and receiver derive the same runs.
+    ``flat``: every staging tensor is contiguous (a buffer laid out by tensor,
+    or one unpadded tensor), so each run of experts consecutive on both sides
+    is one message per weight tensor. Otherwise each expert is a run of one:
+    in interleaved staging rows, one expert's part of one tensor is
     contiguous, several experts' parts are not.
     """
     runs: list[tuple[int, int, int]] = []
@@ -443,12 +444,15 @@ class P2PTransport(Transport):
             if local is not None:
                 local()
             return 0
-        layout = RowLayout.of(weights)
         if self.pollable:
-            flat = len(weights) == 1 and layout.row_bytes == row_nbytes(weights)
+            # Staging laid out by tensor (or one unpadded tensor): a run of
+            # experts of one tensor is contiguous. Every rank's buffer has
+            # the same layout, so both sides of a pair cut the same messages.
+            flat = all(b.is_contiguous() for b in buffers)
             self._exchange_direct(sends, recvs, weights, buffers, flat, local, tag)
             copy_duplicates(rank_plan, buffers, peers)
             return sum(map(len, recvs.values())) * row_nbytes(weights)
+        layout = RowLayout.of(weights)
         recv_spans = [
             (peer, ts[offset : offset + length])
             for peer, ts in recvs.items()
