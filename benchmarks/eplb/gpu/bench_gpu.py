@@ -345,7 +345,8 @@ def _ipc_rank(rank: int, store_path: str, reps: int, queue) -> None:
             # with the stream busy (as when the worker stages back to back),
             # so that only the pull's own device work shows
             busy = i % 2 == 1
-            buffer.packed(0).fill_(0)
+            for view in buffer.slot(0):
+                view.view(torch.uint8).fill_(0)
             # the peer's GPU work must be done too: two processes' kernels on
             # one GPU time-slice, which is not what is measured here
             torch.cuda.synchronize()

@@ -74,6 +74,9 @@ BASELINE = "none"
 # node (ranks_per_node=1), so ``auto`` on CUDA stages through pinned host
 # memory and gloo.
 CROSS_NODE = "ipc-rpn1"
+# ``<transport>-rows``: the same transport with the staging buffer laid out by
+# expert (interleaved rows, the CPU layout) instead of by tensor.
+ROWS = "-rows"
 # Per tensor of one expert: (shape, dtype). DeepSeek-V3 FP8: w13, w2 and their
 # block scales (128 x 128 blocks, float32), as vLLM's FP8 MoE holds them.
 LAYOUTS: dict[str, list[tuple[tuple[int, ...], torch.dtype]]] = {
@@ -309,6 +312,8 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def time_transport(ctx: Ctx, name: str, src: int, dst: int, plan, weights) -> dict:
+    by_tensor = not name.endswith(ROWS)
+    name = name.removesuffix(ROWS)
     kind = "ipc" if name == CROSS_NODE else name
     transport = make_transport(
         kind,
@@ -318,14 +323,15 @@ def time_transport(ctx: Ctx, name: str, src: int, dst: int, plan, weights) -> di
         ranks_per_node=1 if name == CROSS_NODE else ctx.world,
         timeout=ctx.args.timeout,
     )
-    buffer = StagingBuffer(weights, ctx.backend)
+    buffer = StagingBuffer(weights, ctx.backend, by_tensor=by_tensor)
     expected = split_layer(
         ctx.args.layout,
         rank_layer(ctx, 0, list(range(ctx.world * plan.slots_per_rank)), src),
     )
     dev, host, exact, received = [], [], True, 0
     for i in range(2 * ctx.args.reps):
-        buffer.packed(0).fill_(0)
+        for view in buffer.slot(0):
+            view.view(torch.uint8).fill_(0)
         ctx.barrier()
         with Timer(ctx, busy_stream=i % 2 == 1) as t:
             received = transport.stage_layer(
@@ -701,8 +707,10 @@ def main() -> int:
     )
     if args.layout != "flat" and "safety" in args.only.split(","):
         raise ValueError("--layout applies to the transfer part only (--only transfer)")
+    if any(t.endswith(ROWS) for t in transports) and "safety" in args.only.split(","):
+        raise ValueError(f"'*{ROWS}' transports apply to the transfer part only")
     args.expert_bytes = layout_bytes(args.layout, args.expert_bytes)
-    bad = [t for t in transports if t not in allowed]
+    bad = [t for t in transports if t.removesuffix(ROWS) not in allowed]
     if bad:
         raise ValueError(f"transport(s) {bad} not available on {args.device}")
     ctx = Ctx(args)
