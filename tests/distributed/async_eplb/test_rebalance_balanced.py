@@ -270,3 +270,16 @@ def test_balanced_closes_most_of_the_gap_on_real_load():
                 after,
                 bound,
             )
+
+
+def test_spill_closes_three_quarters_of_the_hierarchical_gap():
+    """DeepSeek-V3 geometry, 8 groups on 4 nodes, EP32 (9 slots per rank):
+    with redundant replicas free to leave their group's node, at least three
+    quarters of the hierarchical default's gap to the global bound closed."""
+    load = _lognormal(0, 16, 256)
+    default = rebalance_default(load, 288, 8, 4, 32)
+    got = rebalance_spill(load, 288, 8, 4, 32)
+    before = logged_balancedness(load, default, 32)
+    after = logged_balancedness(load, got, 32)
+    bound = balancedness_bound(load, 288, 32)
+    assert after - before >= 0.75 * (bound - before), (before, after, bound)

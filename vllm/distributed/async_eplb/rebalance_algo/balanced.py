@@ -28,7 +28,7 @@ from .default import (
     replicate_hierarchical,
 )
 from .differencing import difference_row
-from .local_search import _jit, improve_bins, search_row
+from .local_search import _MIN_GAIN, _jit, search_row
 from .validation import uses_hierarchy
 
 __all__ = [
@@ -83,27 +83,10 @@ def _balance_rows(
     """Per row: differencing, then local search; the greedy packing where
     that leaves the fullest bin lower. Also each row's greedy peak."""
     num_rows, num_items = load.shape
-    per_bin = num_items // num_bins
-    sums = np.empty((per_bin, num_bins))
-    members = np.empty((num_bins, per_bin), np.int64)
-    bin_load = np.empty(num_bins)
-    ascending = np.empty(num_items, np.int64)
-    home = np.full(num_items, -1, np.int64)
+    scratch = _row_scratch(num_items, num_bins)
+    bin_load = scratch[3]
     for row in range(num_rows):
-        for t in range(num_items):
-            ascending[t] = descending[row, num_items - 1 - t]
-        difference_row(load[row], descending[row], bins[row], sums)
-        search_row(
-            load[row],
-            ascending,
-            bins[row],
-            slots[row],
-            home,
-            members,
-            bin_load,
-            num_bins,
-            limit,
-        )
+        _pack_row(load[row], descending[row], bins[row], slots[row], limit, scratch)
         peak = bin_load.max()
         bin_load[:] = 0.0
         for item in range(num_items):
@@ -112,6 +95,50 @@ def _balance_rows(
         if greedy_peak[row] <= peak:
             bins[row] = greedy[row]
             slots[row] = greedy_slot[row]
+
+
+@_jit
+def _pack_rows(load, descending, num_bins, limit, bins, slots):
+    """Per row: differencing, then local search (no pinned items)."""
+    num_rows, num_items = load.shape
+    scratch = _row_scratch(num_items, num_bins)
+    for row in range(num_rows):
+        _pack_row(load[row], descending[row], bins[row], slots[row], limit, scratch)
+
+
+@_jit
+def _row_scratch(num_items, num_bins):
+    """Work arrays of ``_pack_row``, allocated once per call."""
+    per_bin = num_items // num_bins
+    return (
+        np.empty((per_bin, num_bins)),
+        np.empty((num_bins, per_bin), np.int64),
+        np.empty(num_items, np.int64),
+        np.empty(num_bins),
+        np.full(num_items, -1, np.int64),
+    )
+
+
+@_jit
+def _pack_row(load, descending, bins, slots, limit, scratch):
+    """One row: balanced differencing into ``bins``, then the local search
+    (``bins`` and ``slots`` out; ``scratch[3]`` holds the bin loads after)."""
+    sums, members, ascending, bin_load, home = scratch
+    num_items = load.shape[0]
+    for t in range(num_items):
+        ascending[t] = descending[num_items - 1 - t]
+    difference_row(load, descending, bins, sums)
+    search_row(
+        load,
+        ascending,
+        bins,
+        slots,
+        home,
+        members,
+        bin_load,
+        members.shape[0],
+        limit,
+    )
 
 
 def rebalance_balanced(
@@ -142,12 +169,17 @@ def rebalance_spill(
 ) -> np.ndarray:
     """The "spill" policy: primaries with their group's node, redundant
     replicas anywhere. Where placement is not hierarchical (``num_nodes``
-    does not divide ``num_groups``, or one node) this is "balanced"."""
+    does not divide ``num_groups``, or one node) this is "balanced".
+
+    Two levels: the redundant replicas go to nodes first (``_spill_to_nodes``:
+    the nodes' totals set the busiest rank once each node is packed well),
+    then each node's replicas are packed onto its ranks by differencing and
+    local search."""
     if num_nodes == 1 or not uses_hierarchy(num_groups, num_nodes):
         return rebalance_balanced(
             weight, num_replicas, num_groups, num_nodes, num_ranks, old_phy2log
         )
-    num_experts = weight.shape[1]
+    num_layers, num_experts = weight.shape
     # Each expert's node, as the hierarchical policy packs groups onto nodes.
     mlog2log = replicate_hierarchical(
         weight, num_replicas, num_groups, num_nodes
@@ -163,70 +195,118 @@ def rebalance_spill(
     )
     # Replica counts over the whole layer; slot e < E is expert e's primary.
     replicas, count = replicate_experts(weight, num_replicas)
-    load = np.take_along_axis(weight / count, replicas, axis=1)
+    load = np.ascontiguousarray(
+        np.take_along_axis(weight / count, replicas, axis=1), dtype=np.float64
+    )
     home = np.full(replicas.shape, -1, dtype=np.int64)
     home[:, :num_experts] = node_of
-    ranks_per_node = num_ranks // num_nodes
-    start = _pinned_greedy(
-        np.ascontiguousarray(load, dtype=np.float64),
+    per_node = num_replicas // num_nodes
+    node = _spill_to_nodes(
+        load,
         np.ascontiguousarray(np.argsort(-load, axis=1, kind="stable")),
         home,
-        num_ranks,
+        num_nodes,
+        per_node,
+        4 * num_replicas,
+    )
+    # Each node's replicas, a row each, packed onto the node's ranks.
+    by_node = np.argsort(node, axis=1, kind="stable").reshape(
+        num_layers * num_nodes, per_node
+    )
+    node_load = np.take_along_axis(
+        load, by_node.reshape(num_layers, num_replicas), axis=1
+    ).reshape(num_layers * num_nodes, per_node)
+    ranks_per_node = num_ranks // num_nodes
+    bins = np.empty_like(by_node)
+    within = np.empty_like(by_node)
+    _pack_rows(
+        node_load,
+        np.ascontiguousarray(np.argsort(-node_load, axis=1)),
         ranks_per_node,
+        4 * per_node,
+        bins,
+        within,
     )
-    bins, within = improve_bins(
-        load, start, num_ranks, home=home, bins_per_node=ranks_per_node
+    rank = bins + (np.arange(num_layers * num_nodes) % num_nodes)[:, None] * (
+        ranks_per_node
     )
-    slot = bins * (num_replicas // num_ranks) + within
+    slot = (rank * (num_replicas // num_ranks) + within).reshape(
+        num_layers, num_replicas
+    )
     phy2log = np.empty_like(replicas)
-    np.put_along_axis(phy2log, slot, replicas, axis=1)
+    np.put_along_axis(
+        phy2log,
+        slot,
+        np.take_along_axis(replicas, by_node.reshape(num_layers, num_replicas), axis=1),
+        axis=1,
+    )
     if old_phy2log is not None:
         phy2log = preserve_rank_slots(phy2log, old_phy2log, num_ranks)
     return phy2log
 
 
 @_jit
-def _pinned_greedy(load, order, home, num_ranks, ranks_per_node):
-    """Heaviest item first onto the lightest rank with room, a pinned item
-    on its home node, a free one on a node keeping room for its pinned ones."""
+def _spill_to_nodes(load, descending, home, num_nodes, per_node, limit):
+    """Node of each replica, ``per_node`` per node: a pinned replica on its
+    ``home`` node; the free ones heaviest first onto the node of least load
+    with room, then swapped between the busiest node and another while that
+    lowers the pair's larger load (the search of ``local_search`` on nodes)."""
     num_rows, num_items = load.shape
-    per_rank = num_items // num_ranks
-    num_nodes = num_ranks // ranks_per_node
-    bins = np.empty((num_rows, num_items), np.int64)
-    rank_load = np.empty(num_ranks)
-    filled = np.empty(num_ranks, np.int64)
-    room = np.empty(num_nodes, np.int64)  # free slots per node
-    owed = np.empty(num_nodes, np.int64)  # pinned items still to place
+    node = np.empty((num_rows, num_items), np.int64)
+    node_load = np.empty(num_nodes)
+    room = np.empty(num_nodes, np.int64)
+    free = np.empty(num_items, np.int64)
     for row in range(num_rows):
-        rank_load[:] = 0.0
-        filled[:] = 0
-        room[:] = ranks_per_node * per_rank
-        owed[:] = 0
+        node_load[:] = 0.0
+        room[:] = per_node
+        num_free = 0
         for item in range(num_items):
-            if home[row, item] >= 0:
-                owed[home[row, item]] += 1
+            pinned = home[row, item]
+            node[row, item] = pinned
+            if pinned >= 0:
+                node_load[pinned] += load[row, item]
+                room[pinned] -= 1
         for t in range(num_items):
-            item = order[row, t]
-            node = home[row, item]
+            item = descending[row, t]
+            if home[row, item] >= 0:
+                continue
             best = -1
-            for rank in range(num_ranks):
-                if filled[rank] == per_rank:
+            for n in range(num_nodes):
+                if room[n] > 0 and (best < 0 or node_load[n] < node_load[best]):
+                    best = n
+            node[row, item] = best
+            node_load[best] += load[row, item]
+            room[best] -= 1
+            free[num_free] = item
+            num_free += 1
+        for _ in range(limit):
+            hot = 0
+            for n in range(1, num_nodes):
+                if node_load[n] > node_load[hot]:
+                    hot = n
+            best = _MIN_GAIN * node_load[hot]
+            mine = -1
+            theirs = -1
+            for i in range(num_free):
+                item = free[i]
+                if node[row, item] != hot:
                     continue
-                rank_node = rank // ranks_per_node
-                if node >= 0:
-                    if rank_node != node:
-                        continue
-                elif room[rank_node] <= owed[rank_node]:
-                    continue
-                if best < 0 or rank_load[rank] < rank_load[best]:
-                    best = rank
-            bins[row, item] = best
-            filled[best] += 1
-            rank_load[best] += load[row, item]
-            room[best // ranks_per_node] -= 1
-            if node >= 0:
-                owed[node] -= 1
-    return bins
+                for j in range(num_free):
+                    other = free[j]
+                    shift = load[row, item] - load[row, other]
+                    gain = min(
+                        shift, node_load[hot] - node_load[node[row, other]] - shift
+                    )
+                    if gain > best:
+                        best, mine, theirs = gain, item, other
+            if mine < 0:
+                break
+            shift = load[row, mine] - load[row, theirs]
+            node_load[hot] -= shift
+            node_load[node[row, theirs]] += shift
+            node[row, mine] = node[row, theirs]
+            node[row, theirs] = hot
+    return node
 
 
 def warm_up_kernels() -> None:
