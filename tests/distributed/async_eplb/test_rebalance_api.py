@@ -223,7 +223,7 @@ def test_warm_up_compiles_the_policy_kernels_and_names_bad_policies():
     from vllm.distributed.async_eplb.rebalance_algo import balanced, min_migration
 
     warm_up("min_migration")
-    for kernel in ("_repair_layer", "_relabel_onto_old"):
+    for kernel in ("_repair_rows", "_relabel_onto_old"):
         assert getattr(min_migration, kernel).signatures, kernel
-    for kernel in ("_balance_rows", "_pinned_greedy"):
+    for kernel in ("_balance_rows", "_spill_to_nodes", "_pack_rows"):
         assert getattr(balanced, kernel).signatures, kernel

@@ -18,6 +18,8 @@ Both take the validated arguments of ``rebalance_algo.PolicyFn``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .default import (
@@ -32,11 +34,20 @@ from .local_search import _MIN_GAIN, _jit, search_row
 from .validation import uses_hierarchy
 
 __all__ = [
+    "BalancedPlacement",
     "balanced_with_default_peak",
     "rebalance_balanced",
     "rebalance_spill",
     "warm_up_kernels",
 ]
+
+
+class BalancedPlacement(NamedTuple):
+    """The balanced placement and, per layer, the peaks that judge it."""
+
+    phy2log: np.ndarray  # [L, P] int64
+    peak: np.ndarray  # [L] float64: its most loaded rank's load
+    default_peak: np.ndarray  # [L] float64: the default policy's, same load
 
 
 def balanced_with_default_peak(
@@ -45,9 +56,9 @@ def balanced_with_default_peak(
     num_groups: int,
     num_nodes: int,
     num_ranks: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The balanced placement ``[L, P]`` and, per layer, the default policy's
-    peak rank load on the same load (``[L]`` float64), at no extra cost."""
+) -> BalancedPlacement:
+    """The balanced placement ``[L, P]``, its peak rank load per layer and
+    the default policy's on the same load, at no extra cost."""
     if not uses_hierarchy(num_groups, num_nodes):
         num_groups = num_nodes = 1
     num_layers = weight.shape[0]
@@ -59,7 +70,7 @@ def balanced_with_default_peak(
     greedy, greedy_slot = balanced_packing(load, ranks_per_node, order=descending)
     bins = np.empty_like(greedy)
     slots = np.empty_like(greedy)
-    greedy_peak = np.empty(load.shape[0])
+    peaks = np.empty((2, load.shape[0]))
     _balance_rows(
         np.ascontiguousarray(load, dtype=np.float64),
         np.ascontiguousarray(descending),
@@ -69,19 +80,20 @@ def balanced_with_default_peak(
         4 * load.shape[1],
         bins,
         slots,
-        greedy_peak,
+        peaks,
     )
     phy2log = place_on_ranks(replicas, bins, slots, num_ranks)
-    default_peak = greedy_peak.reshape(num_layers, num_nodes).max(axis=1)
-    return phy2log, default_peak
+    peak, default_peak = peaks.reshape(2, num_layers, num_nodes).max(axis=2)
+    return BalancedPlacement(phy2log, peak, default_peak)
 
 
 @_jit
 def _balance_rows(
-    load, descending, greedy, greedy_slot, num_bins, limit, bins, slots, greedy_peak
+    load, descending, greedy, greedy_slot, num_bins, limit, bins, slots, peaks
 ):
     """Per row: differencing, then local search; the greedy packing where
-    that leaves the fullest bin lower. Also each row's greedy peak."""
+    that leaves the fullest bin lower. ``peaks`` out: each row's fullest bin,
+    chosen packing (``peaks[0]``) and greedy (``peaks[1]``)."""
     num_rows, num_items = load.shape
     scratch = _row_scratch(num_items, num_bins)
     bin_load = scratch[3]
@@ -91,8 +103,9 @@ def _balance_rows(
         bin_load[:] = 0.0
         for item in range(num_items):
             bin_load[greedy[row, item]] += load[row, item]
-        greedy_peak[row] = bin_load.max()
-        if greedy_peak[row] <= peak:
+        peaks[1, row] = bin_load.max()
+        peaks[0, row] = min(peak, peaks[1, row])
+        if peaks[1, row] <= peak:
             bins[row] = greedy[row]
             slots[row] = greedy_slot[row]
 
@@ -151,9 +164,9 @@ def rebalance_balanced(
 ) -> np.ndarray:
     """The "balanced" policy; given the old placement, experts that stay on
     a rank keep their slots. Returns ``phy2log [L, P]`` int64."""
-    phy2log, _ = balanced_with_default_peak(
+    phy2log = balanced_with_default_peak(
         weight, num_replicas, num_groups, num_nodes, num_ranks
-    )
+    ).phy2log
     if old_phy2log is not None:
         phy2log = preserve_rank_slots(phy2log, old_phy2log, num_ranks)
     return phy2log

@@ -105,15 +105,23 @@ def difference_row(load, descending, bins, sums):
 
 @_jit
 def _order_bins(values, out, heaviest_first):
-    """Insertion argsort of a few bins into ``out`` (no allocation: cheaper
-    than ``np.argsort`` under numba at these sizes)."""
-    for i in range(values.shape[0]):
-        j = i
-        while j > 0 and (
-            (values[out[j - 1]] < values[i])
-            if heaviest_first
-            else (values[out[j - 1]] > values[i])
-        ):
-            out[j] = out[j - 1]
-            j -= 1
-        out[j] = i
+    """Stable insertion argsort of a few bins into ``out`` (no allocation:
+    cheaper than ``np.argsort`` under numba at these sizes). Ascending order
+    inserts from the last bin, so a round's bins, already descending, sort
+    in linear time either way."""
+    n = values.shape[0]
+    for step in range(n):
+        j = step
+        if heaviest_first:
+            value = values[step]
+            while j > 0 and values[out[j - 1]] < value:
+                out[j] = out[j - 1]
+                j -= 1
+            out[j] = step
+        else:
+            # Equal values keep ascending index: a lower index goes first.
+            value = values[n - 1 - step]
+            while j > 0 and values[out[j - 1]] >= value:
+                out[j] = out[j - 1]
+                j -= 1
+            out[j] = n - 1 - step

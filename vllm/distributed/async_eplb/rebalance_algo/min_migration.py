@@ -28,7 +28,7 @@ import numpy as np
 
 from .balanced import balanced_with_default_peak, rebalance_balanced
 from .default import preserve_rank_slots, rebalance_default
-from .quality import rank_loads, replica_counts
+from .quality import replica_counts
 from .validation import uses_hierarchy
 
 logger = logging.getLogger(__name__)
@@ -84,64 +84,55 @@ def rebalance_min_migration(
     old = np.ascontiguousarray(old_phy2log, dtype=np.int64)
     # The balanced policy's fresh placement sets the balance to reach and is
     # the fallback; the target never exceeds the default policy's peak.
-    fresh, default_peak = balanced_with_default_peak(
+    fresh = balanced_with_default_peak(
         weight, num_replicas, num_groups, num_nodes, num_ranks
     )
     load = np.ascontiguousarray(weight, dtype=np.float64)
-    fresh_loads = rank_loads(load, fresh, num_ranks)
-    mean_load = fresh_loads.mean(axis=1)
-    fresh_balance = mean_load / np.maximum(fresh_loads.max(axis=1), 1e-300)
+    mean_load = load.sum(axis=1) / num_ranks
+    fresh_balance = mean_load / np.maximum(fresh.peak, 1e-300)
     targets = np.minimum(
-        mean_load / np.maximum(fresh_balance - tolerance, 1e-9), default_peak
+        mean_load / np.maximum(fresh_balance - tolerance, 1e-9), fresh.default_peak
     )
-    rows = np.arange(load.shape[0])[:, None]
-    goal_counts = replica_counts(fresh, load.shape[1])
-    goal_order = np.argsort(load / goal_counts, axis=1, kind="stable")
+    goal_counts = replica_counts(fresh.phy2log, load.shape[1])
+    goal_order = np.argsort(load / goal_counts, axis=1)
 
     hierarchical = num_nodes > 1 and uses_hierarchy(num_groups, num_nodes)
     ranks_per_node = num_ranks // num_nodes
     # Each expert's node in the fresh placement; -1: any node will do.
     home = np.full(load.shape, -1, dtype=np.int64)
     if hierarchical:
-        home[rows, fresh] = np.arange(num_replicas) // (num_replicas // num_nodes)
+        rows = np.arange(load.shape[0])[:, None]
+        home[rows, fresh.phy2log] = np.arange(num_replicas) // (
+            num_replicas // num_nodes
+        )
     out = np.empty_like(old)
-    fallbacks = 0
-    for layer in range(load.shape[0]):
-        # The target, else the default's peak; counts changed only where
-        # needed first, all of them if that fails.
-        for target, full_counts in (
-            (targets[layer], False),
-            (targets[layer], True),
-            (default_peak[layer], False),
-            (default_peak[layer], True),
-        ):
-            row, reached = _repair_layer(
-                load[layer],
-                old[layer],
-                num_ranks,
-                ranks_per_node,
-                float(target),
-                goal_counts[layer],
-                home[layer],
-                goal_order[layer],
-                _SWAPS_PER_SLOT * num_replicas,
-                full_counts,
-            )
-            if reached:
-                break
-        if not reached:
-            fallbacks += 1
-            row = _relabel_onto_old(
-                fresh[layer],
-                old[layer],
-                num_ranks,
-                ranks_per_node if hierarchical else num_ranks,
-            )
-        out[layer] = row
-    if fallbacks:
+    reached = np.empty(load.shape[0], dtype=np.bool_)
+    _repair_rows(
+        load,
+        old,
+        num_ranks,
+        ranks_per_node,
+        targets,
+        fresh.default_peak,
+        goal_counts,
+        home,
+        goal_order,
+        _SWAPS_PER_SLOT * num_replicas,
+        out,
+        reached,
+    )
+    fallbacks = np.flatnonzero(~reached)
+    for layer in fallbacks:
+        out[layer] = _relabel_onto_old(
+            fresh.phy2log[layer],
+            old[layer],
+            num_ranks,
+            ranks_per_node if hierarchical else num_ranks,
+        )
+    if fallbacks.size:
         logger.debug(
             "min_migration: %d of %d layers fell back to the relabelled fresh packing",
-            fallbacks,
+            fallbacks.size,
             load.shape[0],
         )
     # Moves can leave a kept expert in another local slot of its rank.
@@ -385,6 +376,44 @@ def _best_swap(
             if gain > best and rank_of[other] != hot:
                 best, mine, theirs = gain, item, other
     return mine, theirs
+
+
+@_jit
+def _repair_rows(
+    load,
+    old,
+    num_ranks,
+    ranks_per_node,
+    targets,
+    default_peak,
+    goal_counts,
+    home,
+    goal_order,
+    max_swaps,
+    out,
+    reached,
+):
+    """Every layer in one compiled call: ``_repair_layer`` at the target,
+    else at the default's peak; counts changed only where needed first, all
+    of them if that fails. ``out`` and ``reached`` out."""
+    for layer in range(load.shape[0]):
+        for attempt in range(4):
+            row, ok = _repair_layer(
+                load[layer],
+                old[layer],
+                num_ranks,
+                ranks_per_node,
+                targets[layer] if attempt < 2 else default_peak[layer],
+                goal_counts[layer],
+                home[layer],
+                goal_order[layer],
+                max_swaps,
+                attempt % 2 == 1,
+            )
+            out[layer] = row
+            reached[layer] = ok
+            if ok:
+                break
 
 
 @_jit
