@@ -112,7 +112,8 @@ def estimate_memory(
       scratch (at most another layer);
     - reference: verification regenerates one layer of every logical expert
       at a time (filled in place, one expert drawn at a time), never the
-      whole model;
+      whole model, and every expert's fp32 output on the step's tokens
+      (``[E, T, H]``, combined for every step);
     - step: one decode step's routing draw (``[L, T, E]`` float64, three
       alive at once) and MoE output (``[L, T, H]`` fp32, twice for the
       all-reduce), plus the routing kept for verification;
@@ -128,7 +129,7 @@ def estimate_memory(
         "runtime": RANK_RUNTIME_BYTES,
         "workspace": layers * slots_per_rank * expert,
         "staging": 2 * slots_per_rank * _row_bytes(hidden, itemsize),
-        "reference": (experts + 1) * expert,
+        "reference": (experts + 1) * expert + experts * tokens * hidden * 4,
         "step": (
             3 * layers * tokens * experts * 8
             + 2 * layers * tokens * hidden * 4

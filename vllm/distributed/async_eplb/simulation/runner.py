@@ -462,14 +462,16 @@ def _verify(
     hidden = model.hidden_states(config.tokens)
     gates = model.default_gates(ids[0][0])
     for j, layer in enumerate(layers):
-        weights = model.reference_weights(layer)
+        expert_outputs = model.reference_expert_outputs(
+            model.reference_weights(layer), hidden
+        )
         for step in range(config.steps):
-            output = model.reference_layer_forward(weights, ids[step][j], hidden, gates)
+            output = model.combine_expert_outputs(expert_outputs, ids[step][j], gates)
             ok = output_digest(output) == digests[step][layer]
             verify["step_ok"][step] &= ok
             verify["pairs_checked"] += 1
             verify["pairs_matched"] += ok
-        del weights
+        del expert_outputs
         verify["layers_done"] += 1
         _note(record)
 
