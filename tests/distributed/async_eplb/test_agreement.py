@@ -1,15 +1,17 @@
-"""The non-blocking vote and the blocking-collective counter (2 gloo ranks)."""
+"""The non-blocking vote (2 gloo ranks) and the simulator's blocking-collective
+counter, which the multi-rank tests use too."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import torch
-from multirank.collective_counter import BlockingCollectiveCounter
 from torchrun_util import run_torchrun
 
 from vllm.distributed.async_eplb.agreement import NonBlockingVote
+from vllm.distributed.async_eplb.simulation.collectives import CollectiveCounter
 
 SCRIPT = Path(__file__).parent / "multirank" / "eplb_state_vote.py"
 
@@ -43,19 +45,27 @@ def test_bad_arguments(delay: int, timeout: float, gap: int, match: str) -> None
 def test_counter_counts_only_blocking_calls_of_its_thread() -> None:
     import torch.distributed as dist
 
-    counter = BlockingCollectiveCounter()
+    counter = CollectiveCounter()
     original = dist.all_reduce
     calls = []
     dist.all_reduce = lambda *a, **k: calls.append(k)  # no process group needed
     try:
-        with counter.installed():
-            dist.all_reduce(torch.zeros(1))
-            dist.all_reduce(torch.zeros(1), async_op=True)
+        uninstall = counter.install()
+        counter.armed = True
+        dist.all_reduce(torch.zeros(1))
+        dist.all_reduce(torch.zeros(1), async_op=True)
+        other = threading.Thread(target=dist.all_reduce, args=(torch.zeros(1),))
+        other.start()  # another thread's call: not counted
+        other.join()
+        counter.armed = False
+        dist.all_reduce(torch.zeros(1))  # disarmed: not counted
+        counter.armed = True
+        uninstall()
         dist.all_reduce(torch.zeros(1))  # uninstalled: not counted
     finally:
         dist.all_reduce = original
-    assert counter.count == 1 and counter.by_name == {"all_reduce": 1}
-    assert len(calls) == 3
+    assert counter.take() == 1
+    assert len(calls) == 5
 
 
 @pytest.mark.multirank

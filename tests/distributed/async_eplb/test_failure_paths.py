@@ -14,28 +14,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import timedelta
 
 import pytest
 import torch
+from fake_works import FakeWork, until
 
 from vllm.distributed.async_eplb.transports import TransferError, Transport
-
-
-class FakeWork:
-    """Completes when ``done`` is set; ``wait`` blocks like gloo's."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-
-    def is_completed(self) -> bool:
-        return self.done.is_set()
-
-    def wait(self, timeout: timedelta | None = None) -> bool:
-        seconds = None if timeout is None else timeout.total_seconds()
-        if not self.done.wait(seconds):
-            raise RuntimeError("fake work timed out")
-        return True
 
 
 class WaitOnly(Transport):
@@ -48,13 +32,6 @@ class WaitOnly(Transport):
 
     def stage_layer(self, *args, **kwargs) -> int:  # pragma: no cover
         raise NotImplementedError
-
-
-def _until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.002)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +51,7 @@ def test_transport_counts_the_receives_it_gave_up_on(pollable: bool, cause: str)
     # The late receive is still posted: it can land in the staging rows.
     assert transport.in_flight() == 1
     late.done.set()
-    _until(lambda: transport.in_flight() == 0)
+    until(lambda: transport.in_flight() == 0)
     assert transport.helper_threads() == []
 
 
@@ -86,7 +63,7 @@ def test_a_transport_does_not_count_another_transports_receives() -> None:
         other._wait([late], [[3]], pollable=False)
     assert (mine.in_flight(), other.in_flight()) == (0, 1)
     late.done.set()
-    _until(lambda: other.in_flight() == 0)
+    until(lambda: other.in_flight() == 0)
 
 
 # -- EplbState on one in-process gloo rank ---------------------------------------
@@ -163,7 +140,7 @@ def test_a_vote_that_times_out_turns_balancing_off_once_and_never_waits_again(
     from vllm.distributed.async_eplb import agreement
 
     monkeypatch.setattr(agreement.dist, "get_world_size", lambda group=None: 2)
-    state._vote = agreement.NonBlockingVote(StuckGroup(), 1, TIMEOUT_S)
+    state._parts.vote = agreement.NonBlockingVote(StuckGroup(), 1, TIMEOUT_S)
     seconds = [_step(state) for _ in range(24)]  # six intervals
     waited = [s for s in seconds if s > TIMEOUT_S / 2]
     assert len(waited) == 1, seconds  # the timed-out vote, once

@@ -88,6 +88,33 @@ def test_a_round_that_commits(rnd: RebalanceRound) -> None:
     assert rnd.begin() == 2  # epochs count rounds
 
 
+def test_the_round_keeps_each_models_pending_layers(rnd: RebalanceRound) -> None:
+    _to(rnd, S.PLANNED)
+    assert rnd.pending == [] and rnd.pending_layers(0) == []
+    rnd.submitted([[1, 3], [], [0]])
+    assert rnd.pending_layers(0) == [1, 3] and rnd.pending_layers(2) == [0]
+    rnd.layer_committed(0, 3)
+    assert rnd.pending == [[1], [], [0]]
+    with pytest.raises(RoundError, match="layer 3 of model 0 is not pending"):
+        rnd.layer_committed(0, 3)  # committed twice
+    with pytest.raises(RoundError, match="layer 1 of model 1 is not pending"):
+        rnd.layer_committed(1, 1)
+    rnd.layer_committed(0, 1)
+    rnd.layer_committed(2, 0)
+    assert not any(rnd.pending)
+    rnd.finish()
+    assert rnd.pending == [] and rnd.pending_layers(0) == []
+
+
+def test_an_abort_mid_staging_forgets_the_pending_layers(rnd) -> None:
+    _to(rnd, S.PLANNED)
+    rnd.submitted([[0, 1]])
+    rnd.fail("staging worker failed")
+    assert rnd.abort() and rnd.state is S.RECOVERING and rnd.pending == []
+    with pytest.raises(RoundError, match="not pending"):
+        rnd.layer_committed(0, 0)
+
+
 def test_every_rank_skips(rnd: RebalanceRound) -> None:
     _to(rnd, S.SKIPPING).finish()
     assert rnd.state is S.IDLE

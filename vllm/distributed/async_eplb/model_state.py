@@ -15,7 +15,6 @@ import torch
 
 from vllm.distributed.async_eplb.load_stats import LoadWindow
 from vllm.distributed.async_eplb.maps import ExpertMaps
-from vllm.distributed.async_eplb.rebalance_plan import PlannedRebalance
 from vllm.distributed.async_eplb.staging import RowLayout
 
 __all__ = [
@@ -65,7 +64,10 @@ def keep_recent(samples: list[float], new: Sequence[float]) -> None:
 
 
 class EplbModelState:
-    """One registered model: its maps, load window, staging buffer and worker."""
+    """One registered model: its maps, load window, staging buffer and worker.
+
+    Where a rebalance of it stands (its plan, the layers still to commit) is
+    the round's (``RebalanceRound.plans``, ``.pending``), not the model's."""
 
     def __init__(
         self,
@@ -85,9 +87,6 @@ class EplbModelState:
         self.buffer: Any = None
         self.transport: Any = None
         self.worker: Any = None
-        self.plan: PlannedRebalance | None = None
-        self.pending_layers: list[int] = []
-        self.harvested = False  # worker stats of the current job already counted
 
     # vLLM's EplbModelState attribute names, for code that reads them.
     @property
@@ -101,11 +100,6 @@ class EplbModelState:
     @property
     def logical_replica_count(self) -> torch.Tensor:
         return self.maps.logcnt
-
-    @property
-    def rebalanced(self) -> bool:
-        """A rebalance of this model is in flight (vLLM's flag name)."""
-        return self.plan is not None
 
 
 def initial_row(num_routed_experts: int, num_redundant_experts: int) -> list[int]:

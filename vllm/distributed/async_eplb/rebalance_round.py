@@ -19,7 +19,7 @@ group, no thread: unit-tested on its own.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -65,8 +65,9 @@ class RoundError(RuntimeError):
 
 
 class RebalanceRound:
-    """The current rebalance of one ``EplbState``: state, epoch, plans,
-    this rank's error, and the planning and staging clocks."""
+    """The current rebalance of one ``EplbState``: state, epoch, plans, the
+    layers each model still has to commit, this rank's error, and the
+    planning and staging clocks."""
 
     def __init__(
         self, timeout_s: float, clock: Callable[[], float] = time.monotonic
@@ -78,6 +79,8 @@ class RebalanceRound:
         self.state = RoundState.IDLE
         self.epoch = 0
         self.plans: list[Any] = []
+        self.pending: list[list[int]] = []
+        """Per model, layers submitted and not yet committed (while staging)."""
         self.local_error: str | None = None
         self.local_exc: BaseException | None = None
         self._plan_started = self._last_progress = clock()
@@ -113,10 +116,26 @@ class RebalanceRound:
         self._go(RoundState.SKIPPING if skip else RoundState.PLANNED)
         self.plans = plans
 
-    def submitted(self) -> None:
-        """Every rank planned: jobs are with the workers."""
+    def submitted(self, pending: Sequence[Sequence[int]] = ()) -> None:
+        """Every rank planned: jobs are with the workers; ``pending`` holds
+        each model's layers to commit."""
         self._go(RoundState.STAGING)
+        self.pending = [list(layers) for layers in pending]
         self._last_progress = self._clock()
+
+    def pending_layers(self, model: int) -> list[int]:
+        """Layers of model ``model`` still to commit ([] outside staging)."""
+        return self.pending[model] if model < len(self.pending) else []
+
+    def layer_committed(self, model: int, layer: int) -> None:
+        if self.state is not RoundState.STAGING or layer not in self.pending_layers(
+            model
+        ):
+            raise RoundError(
+                f"rebalance {self.epoch}: layer {layer} of model {model} is not "
+                f"pending ({self.state.value})"
+            )
+        self.pending[model].remove(layer)
 
     def fail(self, cause: str, exc: BaseException | None = None) -> None:
         """This rank cannot finish the round; the first cause is kept.
@@ -169,6 +188,7 @@ class RebalanceRound:
 
     def _clear(self) -> None:
         self.plans = []
+        self.pending = []
         self.local_error = self.local_exc = None
 
     # -- questions ------------------------------------------------------------

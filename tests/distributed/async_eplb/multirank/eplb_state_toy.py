@@ -19,12 +19,12 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from collective_counter import BlockingCollectiveCounter
 from toy_routing import zipf_routing
 
 from vllm.distributed.async_eplb import plan_thread
 from vllm.distributed.async_eplb.config import AsyncEplbConfig
 from vllm.distributed.async_eplb.eplb_state import EpGroupInfo, EplbState
+from vllm.distributed.async_eplb.simulation.collectives import CollectiveCounter
 from vllm.distributed.async_eplb.simulation.toy_moe import ToyMoE
 
 LAYERS, EXPERTS, REDUNDANT, TOKENS, TOP_K = 3, 16, 4, 64, 2
@@ -126,7 +126,8 @@ def main() -> None:
     state.step(is_dummy=True, is_profile=True)
     state.start_async_loop()
 
-    counter = BlockingCollectiveCounter()
+    counter = CollectiveCounter()  # armed around each step()
+    uninstall = counter.install()
     blocking_in_step = 0
     commit_log, mid_rebalance_steps = [], 0
     target, converged = None, 0
@@ -147,22 +148,22 @@ def main() -> None:
                 late_bal.append(bal)  # rebalanced for this hot set
         before = state.counters.layers_committed
         rebalances = state.counters.rebalances
-        with counter.installed():
-            count0 = counter.count
-            state.step(is_dummy=dummy, log_stats=True)
-            blocking_in_step += counter.count - count0
+        counter.armed = True
+        state.step(is_dummy=dummy, log_stats=True)
+        counter.armed = False
+        blocking_in_step += counter.take()
         if state.counters.layers_committed != before:
             commit_log.append((step, state.counters.layers_committed - before))
-        if ms.plan is not None:
-            target = ms.plan.new_phy2log.clone()
-            if ms.pending_layers and len(ms.pending_layers) < len(
-                ms.plan.changed_layers
-            ):
+        if state._round.plans and state._round.pending:
+            plan, pending = state._round.plans[0], state._round.pending[0]
+            target = plan.new_phy2log.clone()
+            if pending and len(pending) < len(plan.changed_layers):
                 mid_rebalance_steps += 1
         if state.counters.rebalances != rebalances and args.mode == "async":
             assert target is not None
             assert torch.equal(ms.maps.phy2log, target), "not converged to the plan"
             converged += 1
+    uninstall()
 
     # Workspace holds what the maps say, on every layer.
     slots = model.num_local_physical_experts
@@ -186,7 +187,7 @@ def main() -> None:
         "layers_committed": c.layers_committed,
         "bytes_moved": c.bytes_moved,
         "blocking_in_step": blocking_in_step,
-        "vote_blocking_waits": state._vote.blocking_waits,
+        "vote_blocking_waits": state._parts.vote.blocking_waits,
         "mid_rebalance_steps": mid_rebalance_steps,
         "converged": converged,
         "early_balancedness": sum(early_bal) / len(early_bal),

@@ -84,8 +84,8 @@ def main() -> None:
     )
     models = {name: build(name, rank, world) for name in MODELS}
     for name, model in models.items():
-        if args.own_threads:
-            state._staging_thread = None  # the drafter's worker gets its own
+        if args.own_threads and state._fleet is not None:
+            state._fleet.thread = None  # the drafter's worker gets its own
         state.add_model(model, model_config(name))
     states = {name: state.model_states[f"{name}-hash"] for name in MODELS}
 

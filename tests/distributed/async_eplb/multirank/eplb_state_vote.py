@@ -7,13 +7,13 @@ import time
 
 import torch
 import torch.distributed as dist
-from collective_counter import BlockingCollectiveCounter
 
 from vllm.distributed.async_eplb.agreement import (
     NonBlockingVote,
     VoteTimeout,
     private_group,
 )
+from vllm.distributed.async_eplb.simulation.collectives import CollectiveCounter
 
 
 def main() -> None:
@@ -21,13 +21,16 @@ def main() -> None:
     rank = dist.get_rank()
     group = private_group([0, 1], [(0, 1)])
     vote = NonBlockingVote(group, delay=2, timeout_s=2.0)
-    counter = BlockingCollectiveCounter()
+    counter = CollectiveCounter()
+    uninstall = counter.install()
+    counter.armed = True
     seen = []
-    with counter.installed():
-        for step in range(6):
-            vote.launch(step, "ready", torch.tensor([rank + 1, step]))
-            seen += [(r.launched_at, r.total.tolist()) for r in vote.collect(step)]
-    assert counter.count == 0, counter.by_name
+    for step in range(6):
+        vote.launch(step, "ready", torch.tensor([rank + 1, step]))
+        seen += [(r.launched_at, r.total.tolist()) for r in vote.collect(step)]
+    counter.armed = False
+    uninstall()
+    assert counter.take() == 0
     assert seen == [(s, [3, 2 * s]) for s in range(4)], seen
     vote.drain()
     dist.barrier()

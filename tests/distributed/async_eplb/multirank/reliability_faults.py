@@ -214,7 +214,7 @@ class NeverDone:
 
 def stall_one_vote(state: EplbState, on_rank: int, at_launch: int = 3) -> None:
     """On ``on_rank``, the ``at_launch``-th ready vote skips its all-reduce."""
-    vote = state._vote
+    vote = state._parts.vote
     if dist.get_rank() != on_rank or vote is None or vote._allreduce is None:
         return
     real, launches = vote._allreduce, {"n": 0}
@@ -355,9 +355,8 @@ def shutdown_scenario() -> dict:
     buffer_ref = weakref.ref(ms.buffer._packed)
 
     def mid_rebalance(s: EplbState, events: Any = None) -> bool:
-        pending = s.model_states["toy-hash"].pending_layers
-        plan = s.model_states["toy-hash"].plan
-        return bool(pending) and len(pending) < len(plan.changed_layers)
+        pending = s._round.pending_layers(0)
+        return bool(pending) and len(pending) < len(s._round.plans[0].changed_layers)
 
     result = drive(state, model, 200, phase_len=8, until=mid_rebalance)
     assert mid_rebalance(state), "no step in the middle of a rebalance"
