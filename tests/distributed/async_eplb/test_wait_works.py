@@ -7,29 +7,10 @@ import time
 from datetime import timedelta
 
 import pytest
+from fake_works import FakeWork, until
 
 from vllm.distributed.async_eplb.transports import TransferError
-from vllm.distributed.async_eplb.transports.p2p import (
-    transfers_in_flight,
-    wait_on_device,
-    wait_works,
-)
-
-
-class FakeWork:
-    """Completes when ``done`` is set; ``wait`` blocks like gloo's."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-
-    def is_completed(self) -> bool:
-        return self.done.is_set()
-
-    def wait(self, timeout: timedelta | None = None) -> bool:
-        seconds = None if timeout is None else timeout.total_seconds()
-        if not self.done.wait(seconds):
-            raise RuntimeError("fake work timed out")
-        return True
+from vllm.distributed.async_eplb.transports.p2p import wait_on_device, wait_works
 
 
 def _wait_in_thread(works, peers, *, pollable: bool, reports: list, **kw):
@@ -44,6 +25,7 @@ def _wait_in_thread(works, peers, *, pollable: bool, reports: list, **kw):
                 kw.get("should_abort", lambda: False),
                 pollable=pollable,
                 progress=lambda p: reports.append(tuple(p)),
+                abandon=kw.get("abandon", lambda items: None),
             )
         except BaseException as exc:
             errors.append(exc)
@@ -51,13 +33,6 @@ def _wait_in_thread(works, peers, *, pollable: bool, reports: list, **kw):
     thread = threading.Thread(target=run)
     thread.start()
     return thread, errors
-
-
-def _until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        time.sleep(0.002)
 
 
 @pytest.mark.parametrize("pollable", [True, False], ids=["polled", "gloo"])
@@ -69,7 +44,7 @@ def test_progress_names_the_peer_still_waited_for(pollable: bool) -> None:
     thread, errors = _wait_in_thread(
         works, [[1], [2], [3]], pollable=pollable, reports=reports
     )
-    _until(lambda: reports and reports[-1] == (2,))
+    until(lambda: reports and reports[-1] == (2,))
     assert thread.is_alive()  # rank 2's message is the one missing
     works[1].done.set()
     thread.join(5)
@@ -81,17 +56,24 @@ def test_gloo_abort_returns_at_once_and_the_abandoned_wait_reports_its_end() -> 
     work = FakeWork()
     reports: list[tuple[int, ...]] = []
     aborted = threading.Event()
+    abandoned: list[threading.Thread] = []
     thread, errors = _wait_in_thread(
-        [work], [[5]], pollable=False, reports=reports, should_abort=aborted.is_set
+        [work],
+        [[5]],
+        pollable=False,
+        reports=reports,
+        should_abort=aborted.is_set,
+        abandon=abandoned.extend,
     )
-    _until(lambda: reports == [(5,)])
+    until(lambda: reports == [(5,)])
     aborted.set()
     thread.join(5)
     assert len(errors) == 1 and isinstance(errors[0], TransferError)
     assert errors[0].peers == (5,)
-    assert transfers_in_flight() == 1  # the helper still waits for rank 5
+    (helper,) = abandoned  # handed over, still waiting for rank 5
+    assert helper.is_alive()
     work.done.set()
-    _until(lambda: transfers_in_flight() == 0)
+    until(lambda: not helper.is_alive())
     assert reports[-1] == ()
 
 
@@ -136,6 +118,7 @@ def _device_wait_in_thread(works, backend, *, reports: list, **kw):
                 kw.get("timeout", 10.0),
                 kw.get("should_abort", lambda: False),
                 progress=lambda p: reports.append(tuple(p)),
+                abandon=kw.get("abandon", lambda items: None),
             )
         except BaseException as exc:
             errors.append(exc)
@@ -150,7 +133,7 @@ def test_device_wait_orders_the_stream_then_wakes_when_the_bytes_land() -> None:
     works, backend = [FakeStreamWork(), FakeStreamWork()], FakeBackend()
     reports: list[tuple[int, ...]] = []
     thread, errors, ended = _device_wait_in_thread(works, backend, reports=reports)
-    _until(lambda: reports == [(1, 3)])
+    until(lambda: reports == [(1, 3)])
     assert all(w.waited for w in works) and backend.recorded == 1
     time.sleep(0.05)
     assert thread.is_alive()  # blocked on the event, not returned early
@@ -165,14 +148,22 @@ def test_device_wait_gives_up_on_abort_and_on_timeout_naming_the_peers() -> None
     aborted = threading.Event()
     reports: list[tuple[int, ...]] = []
     backend = FakeBackend()
+    works = [FakeStreamWork()]
+    abandoned: list = []
     thread, errors, _ = _device_wait_in_thread(
-        [FakeStreamWork()], backend, reports=reports, should_abort=aborted.is_set
+        works,
+        backend,
+        reports=reports,
+        should_abort=aborted.is_set,
+        abandon=abandoned.extend,
     )
-    _until(lambda: reports == [(1, 3)])
+    until(lambda: reports == [(1, 3)])
     aborted.set()
     thread.join(5)
     assert isinstance(errors[0], TransferError) and errors[0].peers == (1, 3)
-    assert transfers_in_flight() == 0  # a stuck device wait never blocks recovery
+    # The works, not the helper thread, are handed over: the transport counts
+    # them until the device completes them (their receives may still land).
+    assert abandoned == works
     start = time.monotonic()
     stuck = FakeBackend()
     thread, errors, _ = _device_wait_in_thread(

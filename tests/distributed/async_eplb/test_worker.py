@@ -197,7 +197,7 @@ class RecordingTransport(Transport):
         self.model, self.log, self.overlap = model, log, overlap
         self.tag_space = -1
 
-    def prepare_job(self, job_id: int | None = None) -> None:
+    def prepare_job(self, job_id: int) -> None:
         self.tag_space = job_id
 
     def stage_layer(self, plan, rank, weights, buffers, *, packed=None) -> int:

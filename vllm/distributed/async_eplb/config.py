@@ -13,7 +13,13 @@ from dataclasses import dataclass
 
 from .rebalance_algo import POLICIES as POLICY_REGISTRY
 
-__all__ = ["DEFAULT_TIMEOUT_S", "ENV_PREFIX", "AsyncEplbConfig", "plugin_enabled"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "ENV_PREFIX",
+    "TRANSPORT_NAMES",
+    "AsyncEplbConfig",
+    "plugin_enabled",
+]
 
 ENV_PREFIX = "VLLM_ASYNC_EPLB"
 DEFAULT_TIMEOUT_S = 60.0
@@ -21,6 +27,8 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 # The policy names are the registry's (one list).
 POLICIES = tuple(POLICY_REGISTRY)
+# The transports (``transports/``) import this list from here.
+TRANSPORT_NAMES = ("auto", "gloo-staged", "p2p", "ipc")
 
 
 def _parse_bool(name: str, raw: str) -> bool:
@@ -119,9 +127,6 @@ class AsyncEplbConfig:
             raise ValueError(
                 f"{ENV_PREFIX}_POLICY={self.policy!r} is not one of {POLICIES}"
             )
-        # Imported here: the transports need torch, the plugin's check does not.
-        from vllm.distributed.async_eplb.transports import TRANSPORT_NAMES
-
         if self.transport not in TRANSPORT_NAMES:
             raise ValueError(
                 f"{ENV_PREFIX}_TRANSPORT={self.transport!r} is not one of "

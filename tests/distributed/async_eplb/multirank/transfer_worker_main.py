@@ -30,7 +30,6 @@ from vllm.distributed.async_eplb.maps import ExpertMaps
 from vllm.distributed.async_eplb.planner import plan_layers
 from vllm.distributed.async_eplb.staging import StagingBuffer
 from vllm.distributed.async_eplb.transports import TransferError, make_transport
-from vllm.distributed.async_eplb.transports.p2p import transfers_in_flight
 from vllm.distributed.async_eplb.worker import StagingError, StagingWorker
 
 
@@ -245,7 +244,7 @@ def run_abort(sc: Scenario, world) -> str:
             assert "aborted" in str(exc) and exc.peers == (1,), exc
             assert elapsed < 10, f"abort took {elapsed:.1f} s"
             # its receives are still posted: counted until they end
-            assert transfers_in_flight() == 1, transfers_in_flight()
+            assert transport.in_flight() == 1, transport.in_flight()
             result = f"aborted after {elapsed:.2f} s (timeout 60 s)"
     dist.barrier(group=world)  # rank 1 shows up only now
     if sc.rank == 1:  # rank 0's messages are still posted: the layer completes
@@ -253,7 +252,7 @@ def run_abort(sc: Scenario, world) -> str:
         _check_staged_layer0(sc, buffer)
     dist.barrier(group=world)
     deadline = time.monotonic() + 10
-    while transfers_in_flight():
+    while transport.in_flight():
         assert time.monotonic() < deadline, "an abandoned wait never ended"
         time.sleep(0.01)
     return result

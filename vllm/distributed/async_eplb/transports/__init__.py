@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from vllm.distributed.async_eplb.config import DEFAULT_TIMEOUT_S
+from vllm.distributed.async_eplb.config import DEFAULT_TIMEOUT_S, TRANSPORT_NAMES
 from vllm.distributed.async_eplb.device import DeviceBackend
 from vllm.distributed.async_eplb.planner import LayerPlan, RankPlan
 from vllm.distributed.async_eplb.staging import copy_slot_runs, slot_runs
@@ -36,8 +36,6 @@ __all__ = [
     "resolve_transport",
     "staging_backend",
 ]
-
-TRANSPORT_NAMES = ("auto", "gloo-staged", "p2p", "ipc")
 
 
 class TransferError(RuntimeError):
@@ -122,7 +120,7 @@ class Transport(ABC):
         """A transport waiting on peers gives up once ``check()`` is true."""
         self.should_abort = check
 
-    def prepare_job(self, job_id: int | None = None) -> None:
+    def prepare_job(self, job_id: int) -> None:
         """Called by the worker before a job's first layer (all ranks), with
         the job's id, which every rank agrees on."""
         return  # nothing to agree on by default

@@ -95,7 +95,7 @@ class IpcTransport(Transport):
     def helper_threads(self) -> list[threading.Thread]:
         return super().helper_threads() + self.cross_node.helper_threads()
 
-    def prepare_job(self, job_id: int | None = None) -> None:
+    def prepare_job(self, job_id: int) -> None:
         """Wait until every peer's weights are final before pulling from them.
 
         Each worker has synchronised its own caller's stream (earlier commits)

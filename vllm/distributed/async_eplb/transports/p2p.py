@@ -200,21 +200,6 @@ def _wait_each(
             ) from exc
 
 
-_waiters: set[threading.Thread] = set()
-_waiters_lock = threading.Lock()
-
-
-def transfers_in_flight() -> int:
-    """gloo waits still running in this process, abandoned ones included.
-
-    A wait given up on abort leaves its receives posted: a late peer can still
-    write into the staging rows. No new job may stage before this is 0 (the
-    waits end by their deadline at the latest).
-    """
-    with _waiters_lock:
-        return sum(t.is_alive() for t in _waiters)
-
-
 def _wait_gloo(
     works: Sequence[Any],
     peers: Sequence[Sequence[int]],
@@ -230,7 +215,7 @@ def _wait_gloo(
     polled in short slices. An abort returns at once and leaves the helper
     thread to finish or time out (closing the connections of a group the
     caller is giving up on: after an abort, staging moves to a fresh group);
-    until then it counts in :func:`transfers_in_flight`.
+    until then its transport counts it (``Transport.in_flight``).
     """
     _wait_on_thread(
         lambda: _wait_each(works, peers, deadline, progress),
@@ -238,7 +223,6 @@ def _wait_gloo(
         should_abort,
         progress,
         deadline=None,  # the waits themselves end by the deadline
-        track=True,
         abandon=abandon,
     )
 
@@ -250,7 +234,6 @@ def _wait_on_thread(
     progress: Callable[[Sequence[int]], None],
     *,
     deadline: float | None,
-    track: bool,
     abandon: Callable[[Sequence[Any]], None],
 ) -> None:
     """Run the blocking ``block`` on a daemon thread; return when it ends.
@@ -258,7 +241,6 @@ def _wait_on_thread(
     Joining wakes the caller as soon as the thread ends (no polling), while
     ``should_abort`` is checked every few milliseconds and ``deadline`` (when
     given) is enforced here, leaving the thread behind, handed to ``abandon``.
-    ``track``: the thread counts in :func:`transfers_in_flight` until it ends.
     """
     failure: list[BaseException] = []
 
@@ -269,13 +251,8 @@ def _wait_on_thread(
             failure.append(exc)
         finally:
             progress(())
-            with _waiters_lock:
-                _waiters.discard(threading.current_thread())
 
     waiter = threading.Thread(target=run, name="async-eplb-wait", daemon=True)
-    if track:
-        with _waiters_lock:
-            _waiters.add(waiter)
     waiter.start()
     try:
         while waiter.is_alive():
@@ -309,8 +286,7 @@ def wait_on_device(
     either sees the end late or wakes often, each wake-up taking the GIL from
     the forward's thread. On abort or timeout the works still running are
     handed to ``abandon`` (their receives may still land; the transport
-    counts them until they complete). The helper is not counted in
-    :func:`transfers_in_flight`.
+    counts them until they complete), not the helper thread.
     """
     if not works:
         return
@@ -329,7 +305,6 @@ def wait_on_device(
             should_abort,
             progress,
             deadline=deadline,
-            track=False,
             abandon=lambda _: abandon(list(works)),
         )
     finally:
@@ -388,16 +363,12 @@ class P2PTransport(Transport):
         self._job = 0
         self._layer_seq = 0
 
-    def prepare_job(self, job_id: int | None = None) -> None:
-        """Start a new job's tag space; all ranks call it before its first layer.
-
-        ``job_id`` (agreed by every rank) is preferred; without it the job is
-        counted here, which stays agreed as long as every rank stages at least
-        one layer of every job.
-        """
-        if job_id is not None and job_id < 0:
+    def prepare_job(self, job_id: int) -> None:
+        """Start job ``job_id``'s tag space (agreed by every rank); all ranks
+        call it before the job's first layer."""
+        if job_id < 0:
             raise ValueError(f"job_id must be >= 0, got {job_id}")
-        self._job = self._job + 1 if job_id is None else job_id
+        self._job = job_id
         self._layer_seq = 0
 
     def stage_layer(
