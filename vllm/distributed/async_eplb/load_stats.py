@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm.distributed.async_eplb.rebalance_algo.quality import rank_loads
+
 __all__ = [
     "LoadWindow",
     "balancedness",
@@ -76,17 +78,18 @@ def balancedness(rank_tokens: torch.Tensor) -> tuple[float, float, float]:
 def predicted_rank_load(
     logical_load: torch.Tensor, phy2log: torch.Tensor, num_ranks: int
 ) -> torch.Tensor:
-    """Expected ``[L, R]`` load if ``logical_load`` is served by ``phy2log``.
-
-    The router spreads an expert's tokens evenly over its replicas.
+    """Expected ``[L, R]`` load (float64, CPU) if ``logical_load`` is served by
+    ``phy2log``: the policies' own score (``rebalance_algo.quality.rank_loads``,
+    an expert's tokens split evenly over its replicas), so the predicted gain
+    and the policies' balance are one computation.
     """
     _check_load("logical load", logical_load)
-    phy2log = phy2log.to(torch.int64)
-    load = logical_load.to(torch.float64)
-    counts = torch.zeros_like(load)
-    counts.scatter_add_(1, phy2log, torch.ones_like(phy2log, dtype=torch.float64))
-    per_slot = torch.gather(load / counts.clamp_min(1), 1, phy2log)
-    return tokens_per_rank(per_slot, num_ranks)
+    loads = rank_loads(
+        logical_load.detach().to("cpu").numpy(),
+        phy2log.detach().to("cpu").numpy(),
+        num_ranks,
+    )
+    return torch.from_numpy(loads)
 
 
 def predicted_balancedness(

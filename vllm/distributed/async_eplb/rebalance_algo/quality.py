@@ -1,7 +1,8 @@
 """Quality metrics of an expert placement: balance and migration cost.
 
-Pure numpy functions shared by the policies, their tests, the benchmarks and
-the simulator, so that every part scores a placement the same way. Tokens of a
+Pure numpy functions shared by the policies, their tests, the benchmarks, the
+simulator and ``load_stats`` (the predicted gain of a rebalance), so that every
+part scores a placement the same way. Tokens of a
 logical expert are assumed to split evenly over its replicas (what the routers
 do on average), so a slot holding expert ``e`` carries ``weight[e] / count[e]``.
 """
