@@ -349,6 +349,7 @@ class _RebalanceTracker:
         self._eplb = eplb
         self._outcomes = self._count_outcomes()
         self._in_flight = False
+        self._committed_before = 0
 
     def _count_outcomes(self) -> int:
         counters = self._eplb.counters
@@ -358,6 +359,8 @@ class _RebalanceTracker:
         """Call after each ``step()``: was a rebalance in flight during it?"""
         was_in_flight = self._in_flight
         if self._eplb.expert_rearrangement_step == 0:
+            if not self._in_flight:
+                self._committed_before = self._eplb.counters.layers_committed
             self._in_flight = was_in_flight = True
         outcomes = self._count_outcomes()
         if outcomes != self._outcomes:
@@ -366,15 +369,12 @@ class _RebalanceTracker:
         return was_in_flight
 
     def status(self) -> str:
-        """Progress text: the layers committed so far in the one in flight."""
+        """Progress text: the layers committed so far in the one in flight
+        (from the public counters: where a round stands is EplbState's own)."""
         if not self._in_flight:
             return ""
-        for state in self._eplb.model_states.values():
-            if state.rebalanced:
-                total = len(state.plan.changed_layers)
-                done = total - len(state.pending_layers)
-                return f", rebalancing: {done}/{total} layers committed"
-        return ", rebalancing: planning"
+        done = self._eplb.counters.layers_committed - self._committed_before
+        return f", rebalancing: {done} layers committed"
 
 
 def _build(
