@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm.distributed.async_eplb.planner import plan_layer
+from vllm.distributed.async_eplb.planner import LayerPlan, plan_layer, plan_layer_moves
 from vllm.distributed.async_eplb.simulation import cli
 from vllm.distributed.async_eplb.simulation.fleet import (
     COPIES,
@@ -29,7 +29,7 @@ from vllm.distributed.async_eplb.simulation.fleet import (
     stage_seconds,
     static_rank_load,
     sweep_settings,
-    traffic_of_plan,
+    traffic_of_moves,
     vllm_available,
 )
 
@@ -79,14 +79,14 @@ def test_rebalance_steps_first_after_a_quarter_interval() -> None:
 def test_traffic_split_by_the_source_node() -> None:
     # 4 ranks x 1 slot, nodes {0, 1} and {2, 3}: ranks 0 and 2 swap, rank 1
     # keeps, rank 3 takes expert 1 from rank 1: all three cross nodes.
-    plan = plan_layer([0, 1, 2, 3], [2, 1, 0, 1], num_ranks=4, ranks_per_node=2)
-    traffic = traffic_of_plan(plan, ranks_per_node=2)
+    moves = plan_layer_moves([0, 1, 2, 3], [2, 1, 0, 1], num_ranks=4, ranks_per_node=2)
+    traffic = traffic_of_moves(moves, ranks_per_node=2)
     assert traffic[RECV_CROSS].tolist() == [1, 0, 1, 1]
     assert traffic[SENT_CROSS].tolist() == [1, 1, 1, 0]
     assert traffic[RECV_INTRA].sum() == traffic[SENT_INTRA].sum() == 0
     # Same node: rank 1 takes expert 0 from rank 0.
-    plan = plan_layer([0, 1, 2, 3], [0, 0, 2, 3], num_ranks=4, ranks_per_node=2)
-    traffic = traffic_of_plan(plan, ranks_per_node=2)
+    moves = plan_layer_moves([0, 1, 2, 3], [0, 0, 2, 3], num_ranks=4, ranks_per_node=2)
+    traffic = traffic_of_moves(moves, ranks_per_node=2)
     assert traffic[RECV_INTRA].tolist() == [0, 1, 0, 0]
     assert traffic[SENT_INTRA].tolist() == [1, 0, 0, 0]
     assert traffic[RECV_CROSS].sum() == 0
@@ -95,8 +95,8 @@ def test_traffic_split_by_the_source_node() -> None:
 def test_traffic_counts_local_copies_and_duplicates() -> None:
     # 2 ranks x 2 slots, a node each. Rank 0's slot 1 copies its own expert 0;
     # rank 1 needs expert 0 in both slots: received once, copied once.
-    plan = plan_layer([0, 1, 2, 3], [0, 0, 0, 0], num_ranks=2, ranks_per_node=1)
-    traffic = traffic_of_plan(plan, ranks_per_node=1)
+    moves = plan_layer_moves([0, 1, 2, 3], [0, 0, 0, 0], num_ranks=2, ranks_per_node=1)
+    traffic = traffic_of_moves(moves, ranks_per_node=1)
     assert traffic[COPIES].tolist() == [1, 1]
     assert traffic[RECV_CROSS].tolist() == [0, 1]
     assert traffic[SENT_CROSS].tolist() == [1, 0]
@@ -278,12 +278,38 @@ def test_cli_fleet_bad_input_is_one_line(capsys) -> None:
     assert "unknown policy 'nope'" in capsys.readouterr().err
 
 
-def test_traffic_matches_the_planner_on_a_random_move() -> None:
-    rng = np.random.default_rng(0)
-    old = rng.permutation(np.arange(32) % 24)
-    new = rng.permutation(old)
-    plan = plan_layer(torch.from_numpy(old), torch.from_numpy(new), 8, 4)
-    traffic = traffic_of_plan(plan, 4)
+def _traffic_from_objects(plan: LayerPlan, ranks_per_node: int) -> np.ndarray:
+    """The count from the planner's per-rank objects, one transfer at a time."""
+    out = np.zeros((5, plan.num_ranks), dtype=np.int64)
+    for rank in plan.ranks:
+        for transfer in rank.receives:
+            cross = transfer.src_rank // ranks_per_node != rank.rank // ranks_per_node
+            out[RECV_CROSS if cross else RECV_INTRA, rank.rank] += 1
+            out[SENT_CROSS if cross else SENT_INTRA, transfer.src_rank] += 1
+            out[COPIES, rank.rank] += len(transfer.dst_slots) - 1
+        out[COPIES, rank.rank] += sum(len(c.dst_slots) for c in rank.local_copies)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_traffic_of_moves_equals_the_count_from_the_plans_objects(seed) -> None:
+    rng = np.random.default_rng(seed)
+    ranks = int(rng.choice([2, 4, 8, 16, 40]))
+    per_node = int(rng.choice([d for d in (1, 2, 4, 8) if ranks % d == 0]))
+    slots = ranks * int(rng.integers(1, 5))
+    experts = int(rng.integers(max(1, slots // 2), slots + 1))
+    old = rng.permutation(np.arange(slots) % experts)
+    new = old.copy()
+    moved = rng.random(slots) < rng.random()  # from a few slots to nearly all
+    new[moved] = rng.permutation(new[moved])
+    if rng.random() < 0.5:  # replicas that change count
+        new[rng.integers(slots)] = new[rng.integers(slots)]
+    plan = plan_layer(torch.from_numpy(old), torch.from_numpy(new), ranks, per_node)
+    moves = plan_layer_moves(
+        torch.from_numpy(old), torch.from_numpy(new), ranks, per_node
+    )
+    traffic = traffic_of_moves(moves, per_node)
+    assert np.array_equal(traffic, _traffic_from_objects(plan, per_node))
     transfers = plan.transfers()
     assert traffic[RECV_INTRA].sum() + traffic[RECV_CROSS].sum() == len(transfers)
     assert traffic[SENT_INTRA].sum() == traffic[RECV_INTRA].sum()

@@ -7,7 +7,14 @@ import random
 import pytest
 import torch
 
-from vllm.distributed.async_eplb.planner import LayerPlan, plan_layer, plan_layers
+from vllm.distributed.async_eplb.planner import (
+    LayerPlan,
+    LocalCopy,
+    RankPlan,
+    Transfer,
+    plan_layer,
+    plan_layers,
+)
 
 
 def random_placement(
@@ -145,3 +152,97 @@ def test_plan_layers_shape_mismatch() -> None:
             2,
             1,
         )
+
+
+def _reference_plan(
+    old: list[int], new: list[int], num_ranks: int, ranks_per_node: int
+) -> LayerPlan:
+    """The planner's semantics written plainly, one slot at a time (the
+    implementation before it was vectorised): the vectorised planner must
+    give the very same plan, object for object."""
+    spr = len(old) // num_ranks
+    holders: dict[int, dict[int, int]] = {}
+    for phys, expert in enumerate(old):
+        holders.setdefault(expert, {}).setdefault(phys // spr, phys % spr)
+    kept: list[list[int]] = [[] for _ in range(num_ranks)]
+    copies: list[list[LocalCopy]] = [[] for _ in range(num_ranks)]
+    needed: list[dict[int, list[int]]] = [{} for _ in range(num_ranks)]
+    for rank in range(num_ranks):
+        wanted: dict[int, list[int]] = {}
+        for slot in range(spr):
+            phys = rank * spr + slot
+            if old[phys] == new[phys]:
+                kept[rank].append(slot)
+            else:
+                wanted.setdefault(new[phys], []).append(slot)
+        for expert in sorted(wanted):
+            src_slot = holders[expert].get(rank)
+            if src_slot is not None:
+                copies[rank].append(LocalCopy(expert, src_slot, tuple(wanted[expert])))
+            else:
+                needed[rank][expert] = wanted[expert]
+    send_count = [0] * num_ranks
+    receives: list[list[Transfer]] = [[] for _ in range(num_ranks)]
+    sends: list[list[Transfer]] = [[] for _ in range(num_ranks)]
+    requests = sorted(
+        (len(holders[e]), e, r) for r in range(num_ranks) for e in needed[r]
+    )
+    for _, expert, dst in requests:
+        node = dst // ranks_per_node
+        src = min(
+            holders[expert],
+            key=lambda s: (
+                0 if s // ranks_per_node == node else 1,
+                send_count[s],
+                (s - dst) % num_ranks,
+            ),
+        )
+        send_count[src] += 1
+        t = Transfer(expert, src, holders[expert][src], dst, tuple(needed[dst][expert]))
+        receives[dst].append(t)
+        sends[src].append(t)
+    return LayerPlan(
+        num_ranks,
+        spr,
+        tuple(
+            RankPlan(
+                r,
+                tuple(kept[r]),
+                tuple(copies[r]),
+                tuple(sorted(receives[r], key=lambda t: (t.src_rank, t.expert))),
+                tuple(sorted(sends[r], key=lambda t: (t.dst_rank, t.expert))),
+            )
+            for r in range(num_ranks)
+        ),
+    )
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_vectorised_planner_gives_the_reference_plan(seed: int) -> None:
+    rng = random.Random(seed)
+    # From toy sizes to fleet sizes (DeepSeek-V3 on 320 ranks, 8 a node).
+    num_ranks = rng.choice([1, 2, 3, 4, 8, 16, 64, 320])
+    ranks_per_node = rng.choice([d for d in (1, 2, 4, 8) if num_ranks % d == 0])
+    slots_per_rank = rng.randint(1, 6 if num_ranks < 64 else 2)
+    num_slots = num_ranks * slots_per_rank
+    num_experts = rng.randint(max(1, num_slots // 2), num_slots)
+    old = random_placement(rng, num_experts, num_ranks, slots_per_rank)
+    # A few slots to all of them move; sometimes replicas change count too.
+    new = list(old)
+    moved = [p for p in range(num_slots) if rng.random() < rng.random()]
+    shuffled = [new[p] for p in moved]
+    rng.shuffle(shuffled)
+    for p, e in zip(moved, shuffled, strict=True):
+        new[p] = e
+    if rng.random() < 0.5:
+        new[rng.randrange(num_slots)] = new[rng.randrange(num_slots)]
+    expected = _reference_plan(old, new, num_ranks, ranks_per_node)
+    assert plan_layer(old, new, num_ranks, ranks_per_node) == expected
+    assert (
+        plan_layer(torch.tensor(old), torch.tensor(new), num_ranks, ranks_per_node)
+        == expected
+    )
+    (from_batch,) = plan_layers(
+        torch.tensor([old]), torch.tensor([new]), num_ranks, ranks_per_node
+    )
+    assert from_batch == expected

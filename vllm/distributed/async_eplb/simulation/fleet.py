@@ -4,8 +4,9 @@ No weights move and no process starts. A load trace ``[windows, layers,
 experts]`` is replayed through the real placement policies (ours through
 ``rebalance_algo.rebalance_experts``, vLLM's through
 ``DefaultEplbPolicy.rebalance_experts`` when vLLM is importable) and each
-rebalance through the real transfer planner (``planner.plan_layers``); only
-the arithmetic around them lives here:
+rebalance through the real transfer planner (``planner.plan_layers_moves``:
+the decisions ``plan_layers`` builds its per-rank objects from, counted here
+without building them); only the arithmetic around them lives here:
 
 - load: trace window ``w`` stands for ``steps_per_window`` decode steps, each
   carrying ``trace[w] / steps_per_window``; a rebalance at step ``t`` sees the
@@ -46,7 +47,7 @@ import torch
 
 from vllm.distributed.async_eplb.config import AsyncEplbConfig
 from vllm.distributed.async_eplb.load_stats import predicted_balancedness
-from vllm.distributed.async_eplb.planner import LayerPlan, plan_layers
+from vllm.distributed.async_eplb.planner import LayerMoves, plan_layers_moves
 from vllm.distributed.async_eplb.rebalance_algo import POLICIES, rebalance_experts
 from vllm.distributed.async_eplb.simulation.presets import ModelPreset
 
@@ -70,7 +71,7 @@ __all__ = [
     "static_rank_load",
     "sweep_settings",
     "synthetic_trace",
-    "traffic_of_plan",
+    "traffic_of_moves",
     "vllm_available",
 ]
 
@@ -300,18 +301,20 @@ def observed_load(
     return cumulative[window] + trace[window] * (within / steps_per_window)
 
 
-def traffic_of_plan(plan: LayerPlan, ranks_per_node: int) -> np.ndarray:
+def traffic_of_moves(moves: LayerMoves, ranks_per_node: int) -> np.ndarray:
     """Experts per rank ``[5, R]``: received and sent intra-node and
     cross-node (by the source's node), and slots filled by a local copy
     (a local source, or the extra slots of a duplicate receive)."""
-    out = np.zeros((5, plan.num_ranks), dtype=np.int64)
-    for rank in plan.ranks:
-        for transfer in rank.receives:
-            cross = transfer.src_rank // ranks_per_node != rank.rank // ranks_per_node
-            out[RECV_CROSS if cross else RECV_INTRA, rank.rank] += 1
-            out[SENT_CROSS if cross else SENT_INTRA, transfer.src_rank] += 1
-            out[COPIES, rank.rank] += len(transfer.dst_slots) - 1
-        out[COPIES, rank.rank] += sum(len(c.dst_slots) for c in rank.local_copies)
+    ranks = moves.num_ranks
+    moved = moves.is_transfer
+    dst, src = moves.rank[moved], moves.src_rank[moved]
+    cross = src // ranks_per_node != dst // ranks_per_node
+    out = np.zeros((5, ranks), dtype=np.int64)
+    out[RECV_INTRA] = np.bincount(dst[~cross], minlength=ranks)
+    out[RECV_CROSS] = np.bincount(dst[cross], minlength=ranks)
+    out[SENT_INTRA] = np.bincount(src[~cross], minlength=ranks)
+    out[SENT_CROSS] = np.bincount(src[cross], minlength=ranks)
+    out[COPIES] = moves.changed.sum(axis=1) - np.bincount(dst, minlength=ranks)
     return out
 
 
@@ -335,7 +338,7 @@ def stage_seconds(traffic: np.ndarray, expert_bytes: int, links: Links) -> float
 
 
 class PlanCache:
-    """Traffic of layer moves, planned by ``plan_layers`` once per distinct
+    """Traffic of layer moves, planned by ``plan_layers_moves`` once per distinct
     (old row, new row): policies that agree (vLLM's and our ``default``) and
     repeated moves share one plan; unchanged layers are not planned."""
 
@@ -353,16 +356,16 @@ class PlanCache:
             i for i, key in zip(changed, keys, strict=True) if key not in self._traffic
         ]
         if todo:
-            plans = plan_layers(
+            moves = plan_layers_moves(
                 torch.from_numpy(old[todo]),
                 torch.from_numpy(new[todo]),
                 self.num_ranks,
                 self.ranks_per_node,
             )
             self.planned_layers += len(todo)
-            for i, plan in zip(todo, plans, strict=True):
+            for i, layer_moves in zip(todo, moves, strict=True):
                 key = old[i].tobytes() + new[i].tobytes()
-                self._traffic[key] = traffic_of_plan(plan, self.ranks_per_node)
+                self._traffic[key] = traffic_of_moves(layer_moves, self.ranks_per_node)
         if not keys:
             return np.zeros((0, 5, self.num_ranks), dtype=np.int64)
         return np.stack([self._traffic[key] for key in keys])
