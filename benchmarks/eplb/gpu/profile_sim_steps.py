@@ -11,7 +11,7 @@ and in every rank process:
 - logs, with the same clock, what the helper threads did: the staging
   worker's layers (``StagingWorker._stage``), the transport's job start
   (``prepare_job``), each layer's transfer (``stage_layer``), and the
-  planner (``EplbState._compute_plans``);
+  planner (``plan_thread.compute_plans``);
 - times, per step, the main-thread calls of the step's parts (votes,
   commits, load window), wall and CPU, without cProfile (``--timers-only``
   leaves cProfile out: on Python 3.12 it sees every thread's calls and slows
@@ -53,9 +53,9 @@ _SWITCH_ENV = "EPLB_PROFILE_SWITCH_MS"
 _FORWARD_ENV = "EPLB_PROFILE_GPU_FORWARD_MS"
 # Main-thread parts of a step, timed per step: (module, class, method).
 _PARTS = [
-    ("eplb_state", "EplbState", "_collect_votes"),
-    ("eplb_state", "EplbState", "_launch_ready_vote"),
-    ("eplb_state", "EplbState", "_commit_ready"),
+    ("round_driver", "RoundDriver", "collect"),
+    ("round_driver", "RoundDriver", "_launch_ready_vote"),
+    ("round_driver", "RoundDriver", "_commit_ready"),
     ("eplb_state", "EplbState", "rearrange"),
     ("worker", "StagingWorker", "commit_layer"),
     ("worker", "StagingWorker", "staged_layers"),
@@ -123,7 +123,7 @@ def _top_calls(profile: cProfile.Profile, n: int = 14) -> list[dict[str, Any]]:
 
 def _install(recorder: _Recorder) -> None:
     """Wrap the methods whose timing we want (this process only)."""
-    from vllm.distributed.async_eplb import eplb_state, worker
+    from vllm.distributed.async_eplb import eplb_state, plan_thread, worker
     from vllm.distributed.async_eplb.transports import Transport
 
     step_index = [0]
@@ -187,7 +187,7 @@ def _install(recorder: _Recorder) -> None:
             _time_part(recorder, cls, name)
         timed(worker.StagingWorker, "_stage")
         timed(worker.StagingWorker, "commit_layer")
-        timed(eplb_state.EplbState, "_compute_plans")
+        timed(plan_thread, "compute_plans")  # what the planner thread runs
         for sub in _transport_classes(Transport):
             for name in ("prepare_job", "stage_layer"):
                 if name in vars(sub):
