@@ -327,3 +327,26 @@ def test_bench_policy_quick_writes_json(tmp_path):
             drift["default"]["new_experts_per_rank"]
             == drift["vllm"]["new_experts_per_rank"]
         )
+
+
+@pytest.mark.parametrize("task", ["intent", "law", "summary", "translation"])
+def test_large_real_drift_moves_a_quarter_at_vllms_balance(task):
+    """ESFT DeepSeek-V2-Lite routing: the old placement is the default's for
+    the task's first half, the new load the whole task (a large drift). On
+    EP16 x 5 and EP32 x 3 slots per rank: at most a quarter of the default's
+    moved experts, every layer at or above the default's balance."""
+    trace = REPO / "vllm/distributed/async_eplb/data/loads_w128.npz"
+    with np.load(trace) as archive:
+        windows = archive[task]
+    half = windows[: len(windows) // 2].sum(axis=0).astype(np.float32)
+    whole = windows.sum(axis=0).astype(np.float32)
+    for replicas, ranks in ((80, 16), (96, 32)):
+        old = rebalance_default(half, replicas, 1, 1, ranks)
+        default = rebalance_default(whole, replicas, 1, 1, ranks, old)
+        got = rebalance_min_migration(whole, replicas, 1, 1, ranks, old)
+        moved = new_experts_per_rank(old, got, ranks).mean()
+        assert moved <= new_experts_per_rank(old, default, ranks).mean() / 4, ranks
+        assert (
+            balancedness(whole, got, ranks)
+            >= balancedness(whole, default, ranks) - 1e-12
+        ).all(), ranks

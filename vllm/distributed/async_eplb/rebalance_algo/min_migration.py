@@ -3,17 +3,19 @@
 The default policy re-packs every layer from scratch, so after a small drift in
 load nearly every rank gets new experts and nearly all expert bytes move. This
 policy starts from the old placement instead and repairs it per layer. The
-target is the balanced policy's peak rank load on the new weights (``balanced``),
-loosened by ``tolerance`` in balancedness (mean / max load per rank) but never
-above the default policy's peak, so a repaired layer is never less balanced
-than vLLM's placement. The repair first gives each expert the balanced
-policy's replica count (surplus replicas leave the fullest ranks, missing ones
-fill the freed slots of the lightest), then swaps replicas out of every rank
-above the target, choosing among the swaps that fix a rank the one that makes
-the fewest experts new to a rank, and staying on the node where it can, so a
-hierarchical placement mostly stays hierarchical (not strictly). A layer whose
-repair cannot reach the target falls back to the balanced packing, relabelled
-onto ranks (and nodes) to keep as many experts in place as possible.
+target is the lowest peak rank load the fresh replica counts allow on the new
+weights (``_goal``: the balanced policy packs close to it, and the bound costs
+no packing), loosened by ``tolerance`` in balancedness (mean / max load per
+rank) but never above the default policy's peak, so a repaired layer is never
+less balanced than vLLM's placement. The repair first gives each expert the
+fresh replica count where needed (surplus replicas leave the fullest ranks,
+missing ones fill the freed slots of the lightest), then swaps replicas out of
+every rank above the target, choosing among the swaps that fix a rank the one
+that makes the fewest experts new to a rank, and staying on the node where it
+can, so a hierarchical placement mostly stays hierarchical (not strictly). A
+layer whose repair cannot reach the target falls back to the balanced packing,
+relabelled onto ranks (and nodes) to keep as many experts in place as
+possible.
 
 Kept experts never change local slot, so a rank copies nothing in place for
 them. The kernels run under numba when it is importable and as plain Python
@@ -23,11 +25,19 @@ otherwise (same code, slower: see ``benchmarks/eplb/bench_policy.py``).
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import numpy as np
 
 from .balanced import balanced_with_default_peak, rebalance_balanced
-from .default import preserve_rank_slots, rebalance_default
+from .default import (
+    balanced_packing,
+    preserve_rank_slots,
+    rebalance_default,
+    replicate_experts,
+    replicate_hierarchical,
+)
+from .local_search import bin_loads
 from .quality import replica_counts
 from .validation import uses_hierarchy
 
@@ -35,12 +45,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_TOLERANCE", "rebalance_min_migration"]
 
-# Balancedness a repaired layer may give up against the balanced policy (never
-# below the default's: the target is capped at the default's peak). Measured
-# (5% lognormal drift from vLLM's placement; DeepSeek-V3 EP32/EP64 and 64
-# experts on EP16): 0.002 moves 12-44% of what the default moves, 0.01 9-26%,
-# 0.02 9-23%, each still at or above the default's balance.
-DEFAULT_TOLERANCE = 0.02
+# Balancedness a repaired layer may give up against the best its replica
+# counts allow (``_goal``'s bound; never below the default's: the target is
+# capped at the default's peak). Measured on ``bench_policy.py``'s rows: the
+# DeepSeek-V3 rows (5% drift) are capped at the default's peak from 0.02 up;
+# on the ESFT whole-task rows (a large drift) the worst row moves 33% of what
+# the default moves at 0.02, 27% at 0.03, 21% at 0.04 and 16% at 0.05, each
+# still at or above the default's balance.
+DEFAULT_TOLERANCE = 0.04
 # Extra cost, in experts made new, of a swap that crosses nodes (slower links).
 _NODE_PENALTY = 0.25
 # Most swaps per layer, per slot of the layer.
@@ -69,8 +81,9 @@ def rebalance_min_migration(
     *,
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> np.ndarray:
-    """Placement ``[L, num_replicas]`` at the balanced policy's balance (less
-    ``tolerance``, never below the default's), moving little.
+    """Placement ``[L, num_replicas]`` within ``tolerance`` of the best
+    balance its replica counts allow (never below the default's), moving
+    little.
 
     Without a usable ``old_phy2log`` this is exactly the balanced policy.
     """
@@ -82,29 +95,17 @@ def rebalance_min_migration(
             weight, num_replicas, num_groups, num_nodes, num_ranks, None
         )
     old = np.ascontiguousarray(old_phy2log, dtype=np.int64)
-    # The balanced policy's fresh placement sets the balance to reach and is
-    # the fallback; the target never exceeds the default policy's peak.
-    fresh = balanced_with_default_peak(
-        weight, num_replicas, num_groups, num_nodes, num_ranks
-    )
     load = np.ascontiguousarray(weight, dtype=np.float64)
+    goal = _goal(weight, num_replicas, num_groups, num_nodes, num_ranks)
     mean_load = load.sum(axis=1) / num_ranks
-    fresh_balance = mean_load / np.maximum(fresh.peak, 1e-300)
+    best_balance = mean_load / np.maximum(goal.bound_peak, 1e-300)
     targets = np.minimum(
-        mean_load / np.maximum(fresh_balance - tolerance, 1e-9), fresh.default_peak
+        mean_load / np.maximum(best_balance - tolerance, 1e-9), goal.default_peak
     )
-    goal_counts = replica_counts(fresh.phy2log, load.shape[1])
-    goal_order = np.argsort(load / goal_counts, axis=1)
-
-    hierarchical = num_nodes > 1 and uses_hierarchy(num_groups, num_nodes)
+    goal_order = np.argsort(load / goal.counts, axis=1)
+    hierarchical = goal.home is not None
     ranks_per_node = num_ranks // num_nodes
-    # Each expert's node in the fresh placement; -1: any node will do.
-    home = np.full(load.shape, -1, dtype=np.int64)
-    if hierarchical:
-        rows = np.arange(load.shape[0])[:, None]
-        home[rows, fresh.phy2log] = np.arange(num_replicas) // (
-            num_replicas // num_nodes
-        )
+    home = goal.home if hierarchical else np.full(load.shape, -1, dtype=np.int64)
     out = np.empty_like(old)
     reached = np.empty(load.shape[0], dtype=np.bool_)
     _repair_rows(
@@ -113,8 +114,8 @@ def rebalance_min_migration(
         num_ranks,
         ranks_per_node,
         targets,
-        fresh.default_peak,
-        goal_counts,
+        goal.default_peak,
+        goal.counts,
         home,
         goal_order,
         _SWAPS_PER_SLOT * num_replicas,
@@ -122,13 +123,17 @@ def rebalance_min_migration(
         reached,
     )
     fallbacks = np.flatnonzero(~reached)
-    for layer in fallbacks:
-        out[layer] = _relabel_onto_old(
-            fresh.phy2log[layer],
-            old[layer],
-            num_ranks,
-            ranks_per_node if hierarchical else num_ranks,
-        )
+    if fallbacks.size:
+        fresh = balanced_with_default_peak(
+            weight[fallbacks], num_replicas, num_groups, num_nodes, num_ranks
+        ).phy2log
+        for row, layer in zip(fresh, fallbacks, strict=True):
+            out[layer] = _relabel_onto_old(
+                row,
+                old[layer],
+                num_ranks,
+                ranks_per_node if hierarchical else num_ranks,
+            )
     if fallbacks.size:
         logger.debug(
             "min_migration: %d of %d layers fell back to the relabelled fresh packing",
@@ -137,6 +142,71 @@ def rebalance_min_migration(
         )
     # Moves can leave a kept expert in another local slot of its rank.
     return preserve_rank_slots(out, old, num_ranks)
+
+
+class _Goal(NamedTuple):
+    """What the repair aims at, per layer, from the fresh replica counts."""
+
+    counts: np.ndarray  # [L, E] int64: replicas of each expert
+    bound_peak: np.ndarray  # [L]: no packing of these counts has a lower peak
+    default_peak: np.ndarray  # [L]: the default policy's peak
+    home: np.ndarray | None  # [L, E]: each expert's node; None: global
+
+
+def _goal(
+    weight: np.ndarray,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_ranks: int,
+) -> _Goal:
+    """The default policy's replica counts (its groups' nodes when
+    hierarchical), its peak, and the lowest peak these counts allow: per
+    node, ``max(node load / its ranks, largest replica)``. The balanced
+    policy packs close to that bound, so the bound stands in for it without
+    packing anything."""
+    num_layers, num_experts = weight.shape
+    if not (num_nodes > 1 and uses_hierarchy(num_groups, num_nodes)):
+        phy2log, counts = replicate_experts(weight, num_replicas)
+        replica_load = np.take_along_axis(weight / counts, phy2log, axis=1)
+        bound, default = _peaks(replica_load, num_ranks)
+        return _Goal(counts, bound, default, None)
+    replicas = replicate_hierarchical(weight, num_replicas, num_groups, num_nodes)
+    bound, default = _peaks(replicas.replica_load, num_ranks // num_nodes)
+    # Logical id of each replica: node-local mlog id -> mlog id -> logical.
+    experts_per_node = num_experts // num_nodes
+    mlog = (
+        replicas.phy2mlog
+        + ((np.arange(num_layers * num_nodes) % num_nodes) * experts_per_node)[:, None]
+    )
+    logical = np.take_along_axis(
+        replicas.mlog2log, mlog.reshape(num_layers, num_replicas), axis=1
+    )
+    home = np.empty_like(replicas.mlog2log)
+    np.put_along_axis(
+        home,
+        replicas.mlog2log,
+        np.broadcast_to(np.arange(num_experts) // experts_per_node, home.shape),
+        axis=1,
+    )
+    return _Goal(
+        replica_counts(logical, num_experts),
+        bound.reshape(num_layers, num_nodes).max(axis=1),
+        default.reshape(num_layers, num_nodes).max(axis=1),
+        home,
+    )
+
+
+def _peaks(replica_load: np.ndarray, num_ranks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of replicas packed onto ``num_ranks`` ranks: the lowest peak
+    any packing can have, ``max(load / ranks, largest replica)``, and the
+    default policy's (greedy) peak."""
+    greedy, _ = balanced_packing(
+        replica_load, num_ranks, order=np.argsort(-replica_load, axis=-1)
+    )
+    default = bin_loads(replica_load, greedy, num_ranks).max(axis=1)
+    bound = np.maximum(replica_load.sum(axis=1) / num_ranks, replica_load.max(axis=1))
+    return bound, default
 
 
 def warm_up_kernels() -> None:
