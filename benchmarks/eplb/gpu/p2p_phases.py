@@ -8,6 +8,8 @@ from rank 0 to rank 1. Host-timed on the receiver (stream idle, median of
 - ``batch1``: the same bytes as one ``batch_isend_irecv`` of one op, then
   an event synchronised on the calling thread (NCCL's coalesced path alone);
 - ``transport``: ``P2PTransport.stage_layer`` as it is;
+- ``transport-batchapi``: the same posting its batch through
+  ``dist.batch_isend_irecv`` instead of straight on the process group;
 - ``transport-sync``: the same with its wait replaced by a plain event
   synchronise on the calling thread (no helper thread, no abort check): the
   cost of the abort-able wait.
@@ -149,10 +151,18 @@ def main() -> int:
         finally:
             p2p.wait_on_device = original_wait
 
+    def stage_batchapi() -> None:
+        coalesces, transport._coalesces = transport._coalesces, False
+        try:
+            stage()
+        finally:
+            transport._coalesces = coalesces
+
     variants = {
         "floor": floor,
         "batch1": batch1,
         "transport": stage,
+        "transport-batchapi": stage_batchapi,
         "transport-sync": stage_sync,
     }
     host: dict[str, list[float]] = {k: [] for k in variants}

@@ -13,6 +13,7 @@ Every transport also performs the plan's local copies and duplicates, so after
 
 from __future__ import annotations
 
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -161,15 +162,17 @@ def copy_duplicates(
     """Fan a received expert out from its first slot to its other slots."""
     dst, src = [], []
     for t in rank_plan.receives:
-        if peers is None or t.src_rank in peers:
+        if len(t.dst_slots) > 1 and (peers is None or t.src_rank in peers):
             dst += t.dst_slots[1:]
             src += [t.dst_slots[0]] * (len(t.dst_slots) - 1)
-    copy_slot_runs(buffers, buffers, slot_runs(dst, src))
+    if dst:
+        copy_slot_runs(buffers, buffers, slot_runs(dst, src))
 
 
 def row_nbytes(weights: Sequence[torch.Tensor]) -> int:
-    """Bytes of one expert over all of a layer's tensors."""
-    return sum(w[0].numel() * w.element_size() for w in weights)
+    """Bytes of one expert over all of a layer's tensors (from the shapes: no
+    tensor op, which costs tens of microseconds of host time per layer)."""
+    return sum(math.prod(w.shape[1:]) * w.element_size() for w in weights)
 
 
 _ACCELERATOR_LIBRARY = {"cuda": "nccl", "npu": "hccl"}
