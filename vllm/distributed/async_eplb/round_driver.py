@@ -271,7 +271,8 @@ class RoundDriver:
     def _commit_layer(self, index: int, state: EplbModelState, layer: int) -> None:
         counters = self.parts.counters
         start = time.perf_counter()
-        state.worker.commit_layer(layer, state.maps)
+        # The staging thread resumes at the end of the step (EplbState.step).
+        state.worker.commit_layer(layer, state.maps, wake=False)
         elapsed = time.perf_counter() - start
         plan = self.round.plans[index].plans[layer]
         self.parts.replica_check.committed(state, layer, plan, self.parts.ep.rank)
