@@ -144,7 +144,7 @@ def search_row(
     ``bin_load [B]`` are scratch. Returns the swaps made. Kernel-level (no
     checks): for the policies' fused kernels and ``improve_bins``.
     """
-    num_bins, per_bin = members.shape
+    num_bins = members.shape[0]
     num_items = load.shape[0]
     fill = np.zeros(num_bins, np.int64)
     bin_load[:] = 0.0
@@ -156,49 +156,19 @@ def search_row(
         bin_load[b] += load[item]
     sorted_load = load[ascending]
     for swaps in range(limit):
-        hot = 0
-        low = 0
-        for b in range(1, num_bins):
-            if bin_load[b] > bin_load[hot]:
-                hot = b
-            if bin_load[b] < bin_load[low]:
-                low = b
-        hot_load = bin_load[hot]
-        widest = hot_load - bin_load[low]
-        hot_node = hot // bins_per_node
-        best = _MIN_GAIN * hot_load
-        mine = -1
-        theirs = -1
-        for k in range(per_bin):
-            item = members[hot, k]
-            value = load[item]
-            # Useful partners weigh in (value - widest + best, value - best).
-            floor = value - widest + best
-            lo = 0
-            hi = num_items
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if sorted_load[mid] <= floor:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            for p in range(lo, num_items):
-                shift = value - sorted_load[p]
-                if shift <= best:
-                    break
-                other = ascending[p]
-                b = bins[other]
-                gap = hot_load - bin_load[b]
-                gain = min(shift, gap - shift)
-                if gain <= best or b == hot:
-                    continue
-                node = b // bins_per_node
-                if node != hot_node and (
-                    (home[item] >= 0 and home[item] != node)
-                    or (home[other] >= 0 and home[other] != hot_node)
-                ):
-                    continue
-                best, mine, theirs = gain, item, other
+        hot, low = fullest_and_lightest(bin_load)
+        mine, theirs = best_swap(
+            load,
+            sorted_load,
+            ascending,
+            members,
+            bins,
+            bin_load,
+            hot,
+            low,
+            home,
+            bins_per_node,
+        )
         if mine < 0:
             return swaps
         b = bins[theirs]
@@ -210,3 +180,78 @@ def search_row(
         bins[mine], bins[theirs] = b, hot
         slots[mine], slots[theirs] = slots[theirs], slots[mine]
     return limit
+
+
+@_jit
+def best_swap(
+    load,
+    sorted_load,
+    ascending,
+    members,
+    bins,
+    bin_load,
+    hot,
+    low,
+    home,
+    bins_per_node,
+):
+    """The swap of one item of bin ``hot`` with one of another bin that lowers
+    the pair's larger load most, as ``(item, partner)``; ``(-1, -1)`` if none
+    lowers it by more than ``_MIN_GAIN`` of it. ``low`` is the lightest bin
+    (it bounds the useful partners); ``members [B, n / B]`` lists each bin's
+    items, ``sorted_load`` is ``load[ascending]``; an item with ``home[item]
+    >= 0`` stays on that node. Kernel-level."""
+    hot_load = bin_load[hot]
+    widest = hot_load - bin_load[low]
+    hot_node = hot // bins_per_node
+    best = _MIN_GAIN * hot_load
+    mine = -1
+    theirs = -1
+    for k in range(members.shape[1]):
+        item = members[hot, k]
+        value = load[item]
+        # Useful partners weigh in (value - widest + best, value - best).
+        for p in range(first_above(sorted_load, value - widest + best), load.shape[0]):
+            shift = value - sorted_load[p]
+            if shift <= best:
+                break
+            other = ascending[p]
+            b = bins[other]
+            gain = min(shift, hot_load - bin_load[b] - shift)
+            if gain <= best or b == hot:
+                continue
+            node = b // bins_per_node
+            if node != hot_node and (
+                (home[item] >= 0 and home[item] != node)
+                or (home[other] >= 0 and home[other] != hot_node)
+            ):
+                continue
+            best, mine, theirs = gain, item, other
+    return mine, theirs
+
+
+@_jit
+def fullest_and_lightest(bin_load):
+    """Indices of the fullest and the lightest bin (lowest index on ties)."""
+    hot = 0
+    low = 0
+    for b in range(1, bin_load.shape[0]):
+        if bin_load[b] > bin_load[hot]:
+            hot = b
+        if bin_load[b] < bin_load[low]:
+            low = b
+    return hot, low
+
+
+@_jit
+def first_above(sorted_load, floor):
+    """First index of ``sorted_load`` (ascending) holding a value > ``floor``."""
+    lo = 0
+    hi = sorted_load.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sorted_load[mid] <= floor:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

@@ -37,13 +37,20 @@ from .default import (
     replicate_experts,
     replicate_hierarchical,
 )
-from .local_search import bin_loads
+from .local_search import (
+    HAS_NUMBA,
+    _jit,
+    best_swap,
+    bin_loads,
+    first_above,
+    fullest_and_lightest,
+)
 from .quality import replica_counts
 from .validation import uses_hierarchy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_TOLERANCE", "rebalance_min_migration"]
+__all__ = ["DEFAULT_TOLERANCE", "HAS_NUMBA", "rebalance_min_migration"]
 
 # Balancedness a repaired layer may give up against the best its replica
 # counts allow (``_goal``'s bound; never below the default's: the target is
@@ -57,18 +64,6 @@ DEFAULT_TOLERANCE = 0.04
 _NODE_PENALTY = 0.25
 # Most swaps per layer, per slot of the layer.
 _SWAPS_PER_SLOT = 1
-
-try:
-    import numba
-
-    _jit = numba.njit(cache=True, nogil=True)
-    HAS_NUMBA = True
-except ImportError:  # the core runs on torch + numpy alone
-
-    def _jit(func):
-        return func
-
-    HAS_NUMBA = False
 
 
 def rebalance_min_migration(
@@ -350,20 +345,6 @@ def _align_counts(weight, row, count, goal_count, rank_load, home, ranks_per_nod
 
 
 @_jit
-def _first_above(sorted_load, floor):
-    """First index of ``sorted_load`` (ascending) holding a value > ``floor``."""
-    lo = 0
-    hi = sorted_load.shape[0]
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if sorted_load[mid] <= floor:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-@_jit
 def _finishing_swap(
     item_load,
     sorted_load,
@@ -395,7 +376,7 @@ def _finishing_swap(
         item = members[hot, k]
         value = item_load[item]
         for p in range(
-            _first_above(sorted_load, value - (target - rank_load[low]) - 1e-300),
+            first_above(sorted_load, value - (target - rank_load[low]) - 1e-300),
             sorted_load.shape[0],
         ):
             shift = value - sorted_load[p]
@@ -417,34 +398,6 @@ def _finishing_swap(
             if cost < best_cost or (cost == best_cost and margin > best_margin):
                 best_cost, best_margin = cost, margin
                 mine, theirs = item, other
-    return mine, theirs
-
-
-@_jit
-def _best_swap(
-    item_load, sorted_load, ascending, members, rank_of, rank_load, hot, low
-):
-    """The swap lowering ``max(load of hot, load of partner)`` most;
-    ``(-1, -1)`` if none lowers it."""
-    hot_load = rank_load[hot]
-    widest = hot_load - rank_load[low]
-    best = 1e-9 * hot_load
-    mine = -1
-    theirs = -1
-    for k in range(members.shape[1]):
-        item = members[hot, k]
-        value = item_load[item]
-        for p in range(
-            _first_above(sorted_load, value - widest + best), sorted_load.shape[0]
-        ):
-            shift = value - sorted_load[p]
-            if shift <= best:
-                break
-            other = ascending[p]
-            gap = hot_load - rank_load[rank_of[other]]
-            gain = min(shift, gap - shift)
-            if gain > best and rank_of[other] != hot:
-                best, mine, theirs = gain, item, other
     return mine, theirs
 
 
@@ -530,6 +483,7 @@ def _repair_layer(
     item_load = np.empty(num_slots)
     members = np.empty((num_ranks, per_rank), np.int64)
     held_now = row.copy()
+    anywhere = np.full(num_slots, -1, np.int64)  # no item is pinned to a node
     rank_of = np.empty(num_slots, np.int64)
     position = np.empty(num_slots, np.int64)
     rank_load[:] = 0.0
@@ -580,13 +534,7 @@ def _repair_layer(
         _set(now_on, slot // per_rank, row[slot], True)
 
     for _ in range(max_swaps):
-        hot = 0
-        low = 0
-        for rank in range(1, num_ranks):
-            if rank_load[rank] > rank_load[hot]:
-                hot = rank
-            if rank_load[rank] < rank_load[low]:
-                low = rank
+        hot, low = fullest_and_lightest(rank_load)
         hot_load = rank_load[hot]
         if hot_load <= target:
             break
@@ -607,7 +555,7 @@ def _repair_layer(
             ranks_per_node,
         )
         if mine < 0:
-            mine, theirs = _best_swap(
+            mine, theirs = best_swap(
                 item_load,
                 sorted_load,
                 ascending,
@@ -616,6 +564,8 @@ def _repair_layer(
                 rank_load,
                 hot,
                 low,
+                anywhere,
+                num_ranks,
             )
         if mine < 0:
             break
