@@ -1,7 +1,9 @@
 """Transports: execute one layer's transfer plan into the staging buffer.
 
-- ``p2p``: one ``batch_isend_irecv`` per layer on the EPLB staging group
-  (NCCL / HCCL / gloo), one message per peer;
+- ``p2p``: one batch of sends and receives per layer on the EPLB staging
+  group (NCCL / HCCL / gloo): on NCCL / HCCL straight from workspace to
+  staging rows, one message per tensor and run of experts; on gloo one packed
+  message per peer;
 - ``gloo-staged``: the same through pinned host memory and gloo (the CPU
   default and the fallback);
 - ``ipc``: intra-node one-sided pulls from peers' weights through CUDA IPC
