@@ -2,8 +2,8 @@
 
 - ``p2p``: one batch of sends and receives per layer on the EPLB staging
   group (NCCL / HCCL / gloo): on NCCL / HCCL straight from workspace to
-  staging rows, one message per tensor and run of experts; on gloo one packed
-  message per peer;
+  staging rows, one message per tensor and run of experts; on gloo packed
+  into rows, few messages per peer (see ``p2p.py``);
 - ``gloo-staged``: the same through pinned host memory and gloo (the CPU
   default and the fallback);
 - ``ipc``: intra-node one-sided pulls from peers' weights through CUDA IPC
