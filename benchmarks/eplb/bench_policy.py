@@ -2,12 +2,16 @@
 
 For every configuration, every policy gets the same inputs in one run: a new
 load and the old placement (vLLM's default placement of the previous load).
-Printed per configuration: median wall time of each policy and vLLM's time
-over it; balancedness as vLLM logs it (mean tokens per rank summed over layers
-over the busiest rank's tokens summed over layers) of each on the new load, of
-the stale old placement, and the bound no placement can beat (``quality.
-balancedness_bound``), with the share of vLLM's gap to the bound each policy
-closes; experts new to each rank per layer and the bytes that moves.
+Printed per configuration: the time of each policy, the runs of all policies
+interleaved in a rotating order, and vLLM's time over it; by default CPU time
+of this process (``time.process_time``, torch on one thread: on a shared
+machine, wall time mostly measures the other tenants), the minimum of the
+runs (``--clock wall``: median wall time); balancedness as vLLM logs it
+(mean tokens per rank summed over layers over the busiest rank's tokens summed
+over layers) of each on the new load, of the stale old placement, and the
+bound no placement can beat (``quality.balancedness_bound``), with the share
+of vLLM's gap to the bound each policy closes; experts new to each rank per
+layer and the bytes that moves.
 
 Policies: vLLM 0.32's ``DefaultEplbPolicy``, ours ``default`` (identical
 output), ``balanced``, ``balanced_spill`` and ``min_migration``.
@@ -31,7 +35,8 @@ load and the mean number of distinct nodes a token's 6 experts are served from,
 computed from the ESFT per-token routing (``esft_routing``).
 
 Needs vLLM installed (its policy is the peer). Usage:
-    python benchmarks/eplb/bench_policy.py [--quick] [--locality] [--json PATH]
+    python benchmarks/eplb/bench_policy.py [--quick] [--locality]
+        [--clock cpu|wall] [--json PATH]
 """
 
 from __future__ import annotations
@@ -172,9 +177,16 @@ def policy_functions(geo: Geometry) -> dict[str, Callable]:
     return {"vllm": vllm, **{name: ours(name) for name in OURS}}
 
 
-def run_config(config: Config, repeats: int) -> dict:
+CLOCKS = {
+    "cpu": (time.process_time, min),
+    "wall": (time.perf_counter, statistics.median),
+}
+
+
+def run_config(config: Config, repeats: int, clock: str = "cpu") -> dict:
     geo = config.geometry
     functions = policy_functions(geo)
+    now, summary = CLOCKS[clock]
     times: dict[str, list[float]] = {name: [] for name in POLICIES}
     balance: dict[str, list[float]] = {name: [] for name in (*POLICIES, "stale")}
     bound: list[float] = []
@@ -188,9 +200,9 @@ def run_config(config: Config, repeats: int) -> dict:
             # Rotate the order so no policy always runs right after another.
             shift = repeat % len(POLICIES)
             for name in POLICIES[shift:] + POLICIES[:shift]:
-                start = time.perf_counter()
+                start = now()
                 placements[name] = functions[name](new_load, old).numpy()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(now() - start)
         new_np, old_np = new_load.numpy(), old.numpy()
         balance["stale"].append(logged_balancedness(new_np, old_np, geo.ranks))
         bound.append(balancedness_bound(new_np, geo.replicas, geo.ranks))
@@ -200,7 +212,7 @@ def run_config(config: Config, repeats: int) -> dict:
                 float(new_experts_per_rank(old_np, placement, geo.ranks).mean())
             )
     num_layers = config.transitions[0][0].shape[0]
-    time_ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    time_ms = {name: 1e3 * summary(t) for name, t in times.items()}
     balance_mean = {name: statistics.fmean(b) for name, b in balance.items()}
     bound_mean = statistics.fmean(bound)
     moved_per_rank = {name: statistics.fmean(m) for name, m in moved.items()}
@@ -219,6 +231,7 @@ def run_config(config: Config, repeats: int) -> dict:
         },
         "transitions": len(config.transitions),
         "expert_bytes": config.expert_bytes,
+        "clock": clock,
         "time_ms": time_ms,
         "speedup_vs_vllm": {name: time_ms["vllm"] / time_ms[name] for name in OURS},
         "balancedness": balance_mean,
@@ -252,10 +265,10 @@ def _closed(value: float | None) -> str:
     return "   -" if value is None else f"{value:4.2f}"
 
 
-def print_table(results: list[dict]) -> None:
+def print_table(results: list[dict], clock: str) -> None:
     short = {"default": "def", "balanced": "bal", "balanced_spill": "spill"}
     short["min_migration"] = "mm"
-    print("time ms (vLLM / ours = speed-up) | balancedness as vLLM logs it,")
+    print(f"{clock} time ms (vLLM / ours = speed-up) | balancedness as vLLM logs it,")
     print("share of vLLM's gap to the bound closed | new experts per rank per layer")
     print(
         f"{'config':<22} {'load':<10} | {'vLLM':>6}"
@@ -264,7 +277,7 @@ def print_table(results: list[dict]) -> None:
         + " ".join(f"{'x ' + short[n]:>6}" for n in OURS)
         + f" | {'stale':>6} {'vLLM':>6}"
         + "".join(f" {short[n]:>6}" for n in OURS)
-        + f" {'bound':>6} | {'cl bal':>6} {'cl mm':>5}"
+        + f" {'bound':>6} | {'cl bal':>6} {'cl sp':>5} {'cl mm':>5}"
         + f" | {'vLLM':>6} {'mm':>6} {'mm/vLLM':>7}"
     )
     for r in results:
@@ -277,6 +290,7 @@ def print_table(results: list[dict]) -> None:
             + f" | {b['stale']:6.4f} {b['vllm']:6.4f}"
             + "".join(f" {b[n]:6.4f}" for n in OURS)
             + f" {r['bound']:6.4f} | {_closed(r['gap_closed']['balanced']):>6}"
+            + f" {_closed(r['gap_closed']['balanced_spill']):>5}"
             + f" {_closed(r['gap_closed']['min_migration']):>5}"
             + f" | {d['vllm']['new_experts_per_rank']:6.3f}"
             + f" {d['min_migration']['new_experts_per_rank']:6.3f}"
@@ -365,14 +379,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the lognormal")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="cpu",
+        help="cpu: process CPU time, torch on one thread, minimum of the runs;"
+        " wall: median wall time",
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 7)
+    if args.clock == "cpu":
+        torch.set_num_threads(1)
     for policy in OURS:
         warm_up(policy)
     load_before = os.getloadavg()
-    results = [run_config(c, repeats) for c in configs(args.quick, args.seed)]
+    results = [
+        run_config(c, repeats, args.clock) for c in configs(args.quick, args.seed)
+    ]
     load_after = os.getloadavg()
-    print_table(results)
+    print_table(results, args.clock)
     rows = locality(args.quick) if args.locality else []
     if rows:
         print_locality(rows)
@@ -388,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
             "loadavg_after": load_after,
         },
         "repeats": repeats,
+        "clock": args.clock,
         "configs": results,
         "locality": rows,
     }
