@@ -24,6 +24,7 @@ import numpy as np
 
 from .default import (
     balanced_packing,
+    groups_onto_nodes,
     place_on_ranks,
     preserve_rank_slots,
     replicate_experts,
@@ -194,9 +195,7 @@ def rebalance_spill(
         )
     num_layers, num_experts = weight.shape
     # Each expert's node, as the hierarchical policy packs groups onto nodes.
-    mlog2log = replicate_hierarchical(
-        weight, num_replicas, num_groups, num_nodes
-    ).mlog2log
+    mlog2log = groups_onto_nodes(weight, num_groups, num_nodes)
     node_of = np.empty_like(mlog2log)
     np.put_along_axis(
         node_of,

@@ -39,6 +39,7 @@ from .validation import uses_hierarchy
 __all__ = [
     "NodeReplicas",
     "balanced_packing",
+    "groups_onto_nodes",
     "numba_available",
     "place_on_ranks",
     "preserve_rank_slots",
@@ -422,26 +423,21 @@ class NodeReplicas(NamedTuple):
     replica_load: np.ndarray  # [L * N, P / N] float64
 
 
-def replicate_hierarchical(
+def groups_onto_nodes(
     weight: np.ndarray,
-    num_physical: int,
     num_groups: int,
     num_nodes: int,
     *,
     use_numba: bool | None = None,
-) -> NodeReplicas:
-    """Pack expert groups onto nodes, then replicate experts within each node.
+) -> np.ndarray:
+    """Step 1 of the hierarchical policy: pack expert groups onto nodes.
 
-    ``weight [L, E]`` float32, validated; ``num_groups = num_nodes = 1`` is the
-    global policy's replication.
+    Returns ``mlog2log [L, E]``: the logical id of each node-major ("mlog")
+    id; node ``n`` owns mlog ids ``[n * E / N, (n + 1) * E / N)``.
     """
     num_layers, num_logical = weight.shape
     group_size = num_logical // num_groups
     groups_per_node = num_groups // num_nodes
-    logical_per_node = num_logical // num_nodes
-    physical_per_node = num_physical // num_nodes
-
-    # 1. Groups onto nodes, in node-major ("mlog") order of experts.
     if groups_per_node == 1:
         group_slot = np.broadcast_to(
             np.arange(num_groups, dtype=np.int64), (num_layers, num_groups)
@@ -461,14 +457,31 @@ def replicate_hierarchical(
     log2mlog = (group_slot[:, :, None] * group_size + np.arange(group_size)).reshape(
         num_layers, num_logical
     )
-    mlog2log = _inverse_permutation(log2mlog)
-    mlog_load = np.take_along_axis(weight, mlog2log, axis=1).reshape(
-        num_layers * num_nodes, logical_per_node
-    )
+    return _inverse_permutation(log2mlog)
 
+
+def replicate_hierarchical(
+    weight: np.ndarray,
+    num_physical: int,
+    num_groups: int,
+    num_nodes: int,
+    *,
+    use_numba: bool | None = None,
+) -> NodeReplicas:
+    """Pack expert groups onto nodes, then replicate experts within each node.
+
+    ``weight [L, E]`` float32, validated; ``num_groups = num_nodes = 1`` is the
+    global policy's replication.
+    """
+    num_layers, num_logical = weight.shape
+    # 1. Groups onto nodes, in node-major ("mlog") order of experts.
+    mlog2log = groups_onto_nodes(weight, num_groups, num_nodes, use_numba=use_numba)
+    mlog_load = np.take_along_axis(weight, mlog2log, axis=1).reshape(
+        num_layers * num_nodes, num_logical // num_nodes
+    )
     # 2. Replicas within each node.
     phy2mlog, mlog_count = replicate_experts(
-        mlog_load, physical_per_node, use_numba=use_numba
+        mlog_load, num_physical // num_nodes, use_numba=use_numba
     )
     replica_load = np.take_along_axis(mlog_load / mlog_count, phy2mlog, axis=1)
     return NodeReplicas(mlog2log, phy2mlog, replica_load)
