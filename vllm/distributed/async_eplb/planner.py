@@ -117,10 +117,12 @@ def _check_layout(
         negative = row[row < 0]
         if negative.size:
             raise ValueError(f"{name} row holds negative expert id {negative[0]}")
-    missing = np.setdiff1d(new, old)
+    held = np.zeros(int(max(old.max(), new.max())) + 1, dtype=bool)
+    held[old] = True
+    missing = new[~held[new]]
     if missing.size:
         raise ValueError(
-            f"expert {missing[0]} of the new placement has no replica in the "
+            f"expert {missing.min()} of the new placement has no replica in the "
             "old placement, so no rank can send it"
         )
     return len(old) // num_ranks
