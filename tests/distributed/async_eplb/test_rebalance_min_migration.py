@@ -350,3 +350,31 @@ def test_large_real_drift_moves_a_quarter_at_vllms_balance(task):
             balancedness(whole, got, ranks)
             >= balancedness(whole, default, ranks) - 1e-12
         ).all(), ranks
+
+
+def test_a_layer_the_repair_cannot_fix_takes_the_relabelled_balanced_packs(
+    monkeypatch,
+):
+    """The fallback path: the repair is made to report layer 1 unreached; that
+    layer, and only it, becomes the balanced packs relabelled onto the old
+    ranks (nodes first), kept experts in their old slots."""
+    from vllm.distributed.async_eplb.rebalance_algo import min_migration
+
+    experts, groups, replicas, nodes, ranks = GEOMETRIES[0]
+    load, drifted = _loads(5, 3, experts)
+    old = rebalance_default(load, replicas, groups, nodes, ranks)
+    repaired = rebalance_min_migration(drifted, replicas, groups, nodes, ranks, old)
+    repair = min_migration._repair_rows
+
+    def repair_failing_layer_one(*args):
+        repair(*args)
+        args[-1][1] = False  # ``reached``
+
+    monkeypatch.setattr(min_migration, "_repair_rows", repair_failing_layer_one)
+    got = rebalance_min_migration(drifted, replicas, groups, nodes, ranks, old)
+    fresh = rebalance_balanced(drifted, replicas, groups, nodes, ranks)
+    expected = _relabel_onto_old(fresh[1], old[1], ranks, ranks // nodes)
+    np.testing.assert_array_equal(
+        got[1], preserve_rank_slots(expected[None], old[1:2], ranks)[0]
+    )
+    np.testing.assert_array_equal(got[[0, 2]], repaired[[0, 2]])

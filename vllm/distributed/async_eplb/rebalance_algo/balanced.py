@@ -18,8 +18,6 @@ Both take the validated arguments of ``rebalance_algo.PolicyFn``.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
 from .default import (
@@ -35,66 +33,16 @@ from .local_search import _MIN_GAIN, _jit, search_row
 from .validation import uses_hierarchy
 
 __all__ = [
-    "BalancedPlacement",
-    "balanced_with_default_peak",
     "rebalance_balanced",
     "rebalance_spill",
     "warm_up_kernels",
 ]
 
 
-class BalancedPlacement(NamedTuple):
-    """The balanced placement and, per layer, the peaks that judge it."""
-
-    phy2log: np.ndarray  # [L, P] int64
-    peak: np.ndarray  # [L] float64: its most loaded rank's load
-    default_peak: np.ndarray  # [L] float64: the default policy's, same load
-
-
-def balanced_with_default_peak(
-    weight: np.ndarray,
-    num_replicas: int,
-    num_groups: int,
-    num_nodes: int,
-    num_ranks: int,
-) -> BalancedPlacement:
-    """The balanced placement ``[L, P]``, its peak rank load per layer and
-    the default policy's on the same load, at no extra cost."""
-    if not uses_hierarchy(num_groups, num_nodes):
-        num_groups = num_nodes = 1
-    num_layers = weight.shape[0]
-    replicas = replicate_hierarchical(weight, num_replicas, num_groups, num_nodes)
-    ranks_per_node = num_ranks // num_nodes
-    load = replicas.replica_load
-    # The default's order (same expression), shared by all three packers.
-    descending = np.argsort(-load, axis=-1)
-    greedy, greedy_slot = balanced_packing(load, ranks_per_node, order=descending)
-    bins = np.empty_like(greedy)
-    slots = np.empty_like(greedy)
-    peaks = np.empty((2, load.shape[0]))
-    _balance_rows(
-        np.ascontiguousarray(load, dtype=np.float64),
-        np.ascontiguousarray(descending),
-        np.ascontiguousarray(greedy),
-        np.ascontiguousarray(greedy_slot),
-        ranks_per_node,
-        4 * load.shape[1],
-        bins,
-        slots,
-        peaks,
-    )
-    phy2log = place_on_ranks(replicas, bins, slots, num_ranks)
-    peak, default_peak = peaks.reshape(2, num_layers, num_nodes).max(axis=2)
-    return BalancedPlacement(phy2log, peak, default_peak)
-
-
 @_jit
-def _balance_rows(
-    load, descending, greedy, greedy_slot, num_bins, limit, bins, slots, peaks
-):
+def _balance_rows(load, descending, greedy, greedy_slot, num_bins, limit, bins, slots):
     """Per row: differencing, then local search; the greedy packing where
-    that leaves the fullest bin lower. ``peaks`` out: each row's fullest bin,
-    chosen packing (``peaks[0]``) and greedy (``peaks[1]``)."""
+    that leaves the fullest bin no higher."""
     num_rows, num_items = load.shape
     scratch = _row_scratch(num_items, num_bins)
     bin_load = scratch[3]
@@ -104,9 +52,7 @@ def _balance_rows(
         bin_load[:] = 0.0
         for item in range(num_items):
             bin_load[greedy[row, item]] += load[row, item]
-        peaks[1, row] = bin_load.max()
-        peaks[0, row] = min(peak, peaks[1, row])
-        if peaks[1, row] <= peak:
+        if bin_load.max() <= peak:
             bins[row] = greedy[row]
             slots[row] = greedy_slot[row]
 
@@ -165,9 +111,27 @@ def rebalance_balanced(
 ) -> np.ndarray:
     """The "balanced" policy; given the old placement, experts that stay on
     a rank keep their slots. Returns ``phy2log [L, P]`` int64."""
-    phy2log = balanced_with_default_peak(
-        weight, num_replicas, num_groups, num_nodes, num_ranks
-    ).phy2log
+    if not uses_hierarchy(num_groups, num_nodes):
+        num_groups = num_nodes = 1
+    replicas = replicate_hierarchical(weight, num_replicas, num_groups, num_nodes)
+    ranks_per_node = num_ranks // num_nodes
+    load = replicas.replica_load
+    # The default's order (same expression), shared by both packers.
+    descending = np.argsort(-load, axis=-1)
+    greedy, greedy_slot = balanced_packing(load, ranks_per_node, order=descending)
+    bins = np.empty_like(greedy)
+    slots = np.empty_like(greedy)
+    _balance_rows(
+        np.ascontiguousarray(load, dtype=np.float64),
+        np.ascontiguousarray(descending),
+        np.ascontiguousarray(greedy),
+        np.ascontiguousarray(greedy_slot),
+        ranks_per_node,
+        4 * load.shape[1],
+        bins,
+        slots,
+    )
+    phy2log = place_on_ranks(replicas, bins, slots, num_ranks)
     if old_phy2log is not None:
         phy2log = preserve_rank_slots(phy2log, old_phy2log, num_ranks)
     return phy2log

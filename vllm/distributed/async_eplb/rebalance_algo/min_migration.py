@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .balanced import balanced_with_default_peak, rebalance_balanced
+from .balanced import rebalance_balanced
 from .default import (
     balanced_packing,
     preserve_rank_slots,
@@ -119,9 +119,9 @@ def rebalance_min_migration(
     )
     fallbacks = np.flatnonzero(~reached)
     if fallbacks.size:
-        fresh = balanced_with_default_peak(
+        fresh = rebalance_balanced(
             weight[fallbacks], num_replicas, num_groups, num_nodes, num_ranks
-        ).phy2log
+        )
         for row, layer in zip(fresh, fallbacks, strict=True):
             out[layer] = _relabel_onto_old(
                 row,
