@@ -14,7 +14,8 @@ Policies (``POLICIES``, the one list of names):
   replica stays with its group's node, the redundant ones may go to any node
   (``balanced``; elsewhere the same as ``"balanced"``);
 - ``"min_migration"``: starts from the old placement and moves as few experts
-  as it can, to the balanced policy's balance (``min_migration``).
+  as it can, to within a tolerance of the best balance the fresh replica
+  counts allow, never below the default's (``min_migration``).
 
 Policy modules other than ``default`` are imported on first use.
 """

@@ -11,7 +11,8 @@ that is no worse, so no rank peak is ever above the default policy's.
 ``rebalance_spill`` is the hierarchical trade-off made optional: each
 expert's first replica stays on its group's node (so a token's experts still
 touch few nodes), while replica counts are chosen over the whole layer and
-the redundant replicas may sit on any node.
+the redundant replicas may sit on any node: they are given to nodes first,
+to even out the nodes' loads, then each node is packed onto its ranks.
 
 Both take the validated arguments of ``rebalance_algo.PolicyFn``.
 """
