@@ -309,9 +309,7 @@ class EplbState:
             if not self.is_async:
                 driver.collect(every_vote=True)
         driver.start_planning()
-        for state in self.model_states.values():  # this step's commits
-            if state.worker is not None:
-                state.worker.wake()
+        self._fleet.wake()  # staging resumes after this step's commits
 
     def _interval_due(self) -> None:
         if self._round.state is RoundState.IDLE:

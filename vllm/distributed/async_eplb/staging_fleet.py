@@ -134,6 +134,12 @@ class StagingFleet:
             if stop:
                 worker.stop(timeout=0.0)
 
+    def wake(self) -> None:
+        """Let the staging thread see the commits of this step (made with
+        ``wake=False``, so it resumes only once the step is done)."""
+        for worker in self._workers():
+            worker.wake()
+
     def rebuild(self) -> bool:
         """Fresh transports and workers on a spare staging group (after every
         rank's workers stopped); False if no spare group is left."""
