@@ -254,18 +254,24 @@ def stall_scenario(kind: str, steps: int, errors: ErrorRecords) -> dict:
     plan_thread.compute_plans = real_plans
     agree(result["events"])
     agree(state.model_states["toy-hash"].maps.phy2log.tolist())
+    result.update(outcome(state, errors))
+    state.shutdown()
+    return result
+
+
+def outcome(state: EplbState, errors: ErrorRecords) -> dict:
+    """What a fault or stall scenario ended with: counters and logged errors."""
     c = state.counters
-    result.update(
+    return dict(
         aborts=c.aborts,
         rebalances=c.rebalances,
         abort_cause=c.last_abort_cause,
         balancing_enabled=c.balancing_enabled,
         disabled_cause=c.disabled_cause,
+        worker_deaths=c.worker_deaths,
         errors=list(errors.texts),
         timeout_s=TIMEOUT_S,
     )
-    state.shutdown()
-    return result
 
 
 def recovered(state: EplbState, events: list) -> bool:
@@ -286,17 +292,7 @@ def fault_scenario(kind: str, on_rank: int, steps: int, errors: ErrorRecords) ->
     result = drive(state, model, steps, phase_len=8, until=recovered)
     install_fault_hook(None)
     agree(result["events"])
-    c = state.counters
-    result.update(
-        aborts=c.aborts,
-        rebalances=c.rebalances,
-        abort_cause=c.last_abort_cause,
-        balancing_enabled=c.balancing_enabled,
-        disabled_cause=c.disabled_cause,
-        worker_deaths=c.worker_deaths,
-        errors=list(errors.texts),
-        timeout_s=TIMEOUT_S,
-    )
+    result.update(outcome(state, errors))
     start = time.perf_counter()
     state.shutdown()
     result["shutdown_s"] = time.perf_counter() - start
