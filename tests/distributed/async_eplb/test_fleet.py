@@ -32,6 +32,11 @@ from vllm.distributed.async_eplb.simulation.fleet import (
     traffic_of_moves,
     vllm_available,
 )
+from vllm.distributed.async_eplb.simulation.fleet_sweep import (
+    SweepInputs,
+    make_units,
+    run_sweep,
+)
 
 TINY = Geometry("tiny", 1, 4, 1, 2, expert_bytes=10**9)
 
@@ -315,3 +320,66 @@ def test_traffic_of_moves_equals_the_count_from_the_plans_objects(seed) -> None:
     assert traffic[SENT_INTRA].sum() == traffic[RECV_INTRA].sum()
     changed = sum(len(r.changed_slots) for r in plan.ranks)
     assert traffic[COPIES].sum() + len(transfers) == changed
+
+
+def _small_fleet_cli(tmp_path, name: str, jobs: int, policies: str) -> dict:
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "num_hidden_layers": 3,
+                "num_experts": 16,
+                "num_experts_per_tok": 2,
+                "hidden_size": 64,
+                "moe_intermediate_size": 32,
+            }
+        )
+    )
+    out = tmp_path / name
+    argv = ["--fleet", "--model-config", str(config), "--synthetic", "40"]
+    argv += ["--gpus", "4,8", "--gpus-per-node", "4", "--redundant", "0,8"]
+    argv += ["--interval", "60,200", "--window", "100", "--steps-per-window", "10"]
+    argv += ["--policies", policies, "--no-progress", "--out", str(out)]
+    assert cli.main([*argv, "--jobs", str(jobs)]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_two_jobs_give_the_report_of_one(tmp_path, capsys) -> None:
+    policies = "default,balanced,balanced_spill,min_migration"
+    if vllm_available():
+        policies = "vllm," + policies
+    one = _small_fleet_cli(tmp_path, "one", 1, policies)
+    two = _small_fleet_cli(tmp_path, "two", 2, policies)
+    # Only the columns that time a policy on this machine may differ.
+    timed = {"stall_s", "stall_s_max", "stall_share", "policy_s_mean"}
+
+    def untimed(report: dict) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in timed} for r in report["rows"]]
+
+    assert len(one["rows"]) == 4 * 2 * len(policies.split(","))
+    assert untimed(two) == untimed(one)
+    assert two["series"] == one["series"]
+    assert one["config"]["jobs"] == 1 and two["config"]["jobs"] == 2
+
+
+def test_units_group_the_policies_that_share_plans() -> None:
+    settings = [FleetSetting(8, 0, 100, 100, 4), FleetSetting(8, 8, 100, 100, 4)]
+    policies = ["vllm", "balanced", "min_migration", "default", "balanced_spill"]
+    units = make_units(settings, policies)
+    assert [u.policies for u in units] == [
+        ("vllm", "default"),
+        ("balanced", "balanced_spill"),
+        ("min_migration",),
+    ] * 2
+    assert [u.setting for u in units] == [settings[0]] * 3 + [settings[1]] * 3
+
+
+def test_a_failing_unit_names_itself_from_the_worker() -> None:
+    # A trace of the wrong geometry: replay raises in the worker process.
+    inputs = SweepInputs(np.ones((4, 1, 3)), TINY, Links(), 10, 1.0, 0.01)
+    units = make_units([FleetSetting(2, 0, 8, 8, 1)], ["default", "min_migration"])
+    with pytest.raises(RuntimeError, match=r"failed at FleetSetting\(gpus=2") as info:
+        run_sweep(units, inputs, jobs=2)
+    assert "ValueError: trace is 1 layers x 3 experts" in str(info.value)
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        run_sweep(units, inputs, jobs=0)

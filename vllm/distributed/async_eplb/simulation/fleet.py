@@ -35,6 +35,7 @@ without building them); only the arithmetic around them lives here:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -63,6 +64,7 @@ __all__ = [
     "PlanCache",
     "balancedness",
     "geometry_from_config",
+    "no_eplb_moe_time",
     "observed_load",
     "placement_rank_load",
     "rebalance_steps",
@@ -218,14 +220,14 @@ class FleetSetting:
 
 
 def vllm_available() -> bool:
-    """True when vLLM's own EPLB policy can be imported."""
+    """True when vLLM's own EPLB policy package is installed.
+
+    Found, not imported: importing it takes seconds (``vllm.config``), so the
+    import happens at the first use, in the process that runs the policy."""
     try:
-        from vllm.distributed.eplb.policy.default import (  # noqa: F401
-            DefaultEplbPolicy,
-        )
-    except ImportError:
+        return importlib.util.find_spec("vllm.distributed.eplb.policy") is not None
+    except ImportError:  # no vllm.distributed.eplb (vLLM is not installed)
         return False
-    return True
 
 
 def synthetic_trace(
@@ -438,8 +440,12 @@ def replay(
     cache: PlanCache,
     min_gain: float = AsyncEplbConfig.min_gain,
     on_rebalance: Callable[[], None] | None = None,
+    moe_time_no_eplb: float | None = None,
 ) -> FleetRun:
-    """Replay ``trace [W, L, E]`` (tokens per window) under one policy."""
+    """Replay ``trace [W, L, E]`` (tokens per window) under one policy.
+
+    ``moe_time_no_eplb``: ``no_eplb_moe_time`` of this trace and fleet size,
+    when the caller already has it (it is the same for every policy)."""
     setting.check(geometry)
     windows, layers, experts = trace.shape
     if (layers, experts) != (geometry.num_layers, geometry.num_experts):
@@ -519,8 +525,20 @@ def replay(
         if not skipped and len(traffic):
             changes.append((applied, new))
 
+    run.moe_time_no_eplb = (
+        no_eplb_moe_time(trace, steps_per_window, ranks)
+        if moe_time_no_eplb is None
+        else moe_time_no_eplb
+    )
     _score(run, trace, changes, steps_per_window, ranks)
     return run
+
+
+def no_eplb_moe_time(trace: np.ndarray, steps_per_window: int, ranks: int) -> float:
+    """MoE time of ``trace`` under vLLM's static map: the sum over steps and
+    layers of the busiest rank's tokens."""
+    per_step = trace / steps_per_window
+    return float(static_rank_load(per_step, ranks).max(-1).sum() * steps_per_window)
 
 
 def _score(
@@ -533,9 +551,6 @@ def _score(
     """MoE time and balancedness per window of the placements over time."""
     windows = trace.shape[0]
     per_step = trace / steps_per_window
-    run.moe_time_no_eplb = float(
-        static_rank_load(per_step, ranks).max(-1).sum() * steps_per_window
-    )
     peak = np.zeros(windows)  # busiest-rank tokens summed over layers, per window
     mean = np.zeros(windows)
     bounds = [start for start, _ in changes] + [windows * steps_per_window]

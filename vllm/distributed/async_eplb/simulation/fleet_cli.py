@@ -14,19 +14,16 @@ from typing import Any
 import numpy as np
 
 from vllm.distributed.async_eplb.config import AsyncEplbConfig
-from vllm.distributed.async_eplb.rebalance_algo import POLICIES, warm_up
+from vllm.distributed.async_eplb.rebalance_algo import POLICIES
 from vllm.distributed.async_eplb.simulation.fleet import (
     COPY_GBPS,
     CROSS_NODE_GBPS,
     INTRA_NODE_GBPS,
     VLLM_POLICY,
-    FleetRun,
     Geometry,
     Links,
-    PlanCache,
     geometry_from_config,
     rebalance_steps,
-    replay,
     sweep_settings,
     synthetic_trace,
     vllm_available,
@@ -34,9 +31,16 @@ from vllm.distributed.async_eplb.simulation.fleet import (
 from vllm.distributed.async_eplb.simulation.fleet_report import (
     best_runs,
     format_table,
+    load_plotting,
     summarize_run,
     write_json,
     write_plot,
+)
+from vllm.distributed.async_eplb.simulation.fleet_sweep import (
+    SweepInputs,
+    default_jobs,
+    make_units,
+    run_sweep,
 )
 from vllm.distributed.async_eplb.simulation.load import (
     SHIPPED_TRACE,
@@ -165,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--min-gain", type=float, default=AsyncEplbConfig.min_gain)
     add("--seed", type=int, default=0)
     add("--out", default="eplb-fleet-out")
+    add(
+        "--jobs",
+        type=int,
+        default=default_jobs(),
+        help="worker processes (default: the cores); the runs are independent, "
+        "so any number gives the same report",
+    )
     add("--no-progress", action="store_true")
     return parser
 
@@ -236,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         for policy in policies:
             if policy not in known:
                 raise ValueError(f"unknown policy {policy!r}; known: {known}")
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
         if not args.steps_per_window > 0 or not args.step_ms > 0:
             raise ValueError(
                 "--steps-per-window and --step-ms must be > 0, got "
@@ -258,9 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     if VLLM_POLICY in policies and not vllm_available():
         policies.remove(VLLM_POLICY)
         notes.append("vLLM's policy left out: vLLM is not importable here")
-    for policy in policies:
-        if policy != VLLM_POLICY:
-            warm_up(policy)  # numba's compilation, once, before any timing
     print(
         f"{geometry.name}: {geometry.num_layers} MoE layers x "
         f"{geometry.num_experts} experts ({geometry.num_groups} groups, "
@@ -278,28 +288,20 @@ def main(argv: list[str] | None = None) -> int:
         * sum(len(rebalance_steps(total_steps, s.interval)) for s in settings),
         not args.no_progress,
     )
-    runs: list[FleetRun] = []
-    caches: dict[tuple[int, int], PlanCache] = {}
-    for setting in settings:
-        key = (setting.gpus, setting.gpus_per_node)
-        cache = caches.setdefault(key, PlanCache(*key))
-        for policy in policies:
-            runs.append(
-                replay(
-                    trace,
-                    geometry,
-                    setting,
-                    policy,
-                    links=links,
-                    steps_per_window=args.steps_per_window,
-                    step_seconds=args.step_ms / 1e3,
-                    cache=cache,
-                    min_gain=args.min_gain,
-                    on_rebalance=None if bar is None else bar.update,
-                )
-            )
-    if bar is not None:
-        bar.close()
+    inputs = SweepInputs(
+        trace, geometry, links, args.steps_per_window, args.step_ms / 1e3, args.min_gain
+    )
+    try:
+        runs = run_sweep(
+            make_units(settings, policies),
+            inputs,
+            args.jobs,
+            on_rebalance=None if bar is None else bar.update,
+            while_waiting=load_plotting,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     run_seconds = total_steps * args.step_ms / 1e3
     rows = [summarize_run(run, geometry.expert_bytes, run_seconds) for run in runs]
     print(format_table(rows))

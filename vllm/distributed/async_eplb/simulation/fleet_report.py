@@ -15,7 +15,14 @@ from vllm.distributed.async_eplb.simulation.fleet import (
     FleetRun,
 )
 
-__all__ = ["best_runs", "format_table", "summarize_run", "write_json", "write_plot"]
+__all__ = [
+    "best_runs",
+    "format_table",
+    "load_plotting",
+    "summarize_run",
+    "write_json",
+    "write_plot",
+]
 
 COLUMNS = (
     ("gpus", "gpus", "{:d}"),
@@ -131,17 +138,27 @@ def write_json(
     )
 
 
-def write_plot(path: Path, rows: list[dict[str, Any]], runs: list[FleetRun]) -> bool:
-    """Throughput against traffic (one point per run) and, for the largest
-    fleet's picked setting, balancedness over the trace per policy. False
-    when matplotlib is missing."""
+def load_plotting() -> bool:
+    """Import matplotlib (about a second) for ``write_plot``; False when it is
+    missing. A caller with idle time calls it early."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot
     except ImportError:
         return False
+    return True
+
+
+def write_plot(path: Path, rows: list[dict[str, Any]], runs: list[FleetRun]) -> bool:
+    """Throughput against traffic (one point per run) and, for the largest
+    fleet's picked setting, balancedness over the trace per policy. False
+    when matplotlib is missing."""
+    if not load_plotting():
+        return False
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     policies = sorted({row["policy"] for row in rows})
     markers = {p: "os^Dvx*P"[i % 8] for i, p in enumerate(policies)}
