@@ -1,25 +1,31 @@
 """Where the host time of one ``p2p`` layer goes (issue 13), on two GPUs.
 
-One DeepSeek-V3-shaped layer of one rank (9 x 44 MB, one uint8 tensor) moves
-from rank 0 to rank 1. Host-timed on the receiver (stream idle, median of
-``--reps``), each variant against one contiguous NCCL send in the same run:
+One DeepSeek-V3-shaped layer of one rank (9 x 44 MB; ``--layout flat``: one
+uint8 tensor, ``deepseek-fp8``: vLLM's four FP8 tensors) moves from rank 0 to
+rank 1. Host-timed on the receiver (stream idle, median of ``--reps``), each
+variant against one contiguous NCCL send in the same run:
 
 - ``floor``: ``dist.send`` / ``dist.recv`` of the layer's bytes;
-- ``batch1``: the same bytes as one ``batch_isend_irecv`` of one op, then
-  an event synchronised on the calling thread (NCCL's coalesced path alone);
+- ``batch1``: the same bytes as a coalesced batch of one, posted straight on
+  the process group as the transport posts a batch, then an event
+  synchronised on the calling thread (the batch's own cost);
 - ``transport``: ``P2PTransport.stage_layer`` as it is;
-- ``transport-batchapi``: the same posting its batch through
-  ``dist.batch_isend_irecv`` instead of straight on the process group;
+- ``transport-thread-per-layer``: the same with a fresh waiter thread for
+  every layer (the wait as it was before issue 13c);
 - ``transport-sync``: the same with its wait replaced by a plain event
-  synchronise on the calling thread (no helper thread, no abort check): the
-  cost of the abort-able wait.
+  synchronise on the calling thread (no abort, no timeout): the bound for
+  any abort-able wait;
+- ``transport-plain``: the same posting each message as a plain send or
+  receive instead of one coalesced batch (safe here: one peer, one way).
 
-For ``transport``, every phase is stamped on both ranks with one clock
+For ``transport``, each phase is stamped on both ranks with one clock
 (``time.perf_counter``, CLOCK_MONOTONIC, shared by the processes of a host):
-call, batch posted, wait entered, device done (seen by the helper thread),
-call returned. Printed as medians relative to the receiver's call.
+call, messages posted, wait entered and left, call returned. Printed as
+medians relative to the receiver's call. The first call of each variant
+(before any warm-up) is printed too: the first message between a pair of
+ranks sets up NCCL's connections between them.
 
-    python benchmarks/eplb/gpu/p2p_phases.py --json phases.json
+    python benchmarks/eplb/gpu/p2p_phases.py [--layout deepseek-fp8] --json phases.json
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from bench_gpu import EXPERT_BYTES, EXPERTS_PER_RANK  # noqa: E402
+from bench_multi_gpu import LAYOUTS, layout_bytes, split_layer  # noqa: E402
 from torchrun_launch import relaunch_under_torchrun  # noqa: E402
 
 from vllm.distributed.async_eplb.device import DeviceBackend  # noqa: E402
@@ -69,20 +76,9 @@ def stamped(name: str, fn: Callable) -> Callable:
     return wrapper
 
 
-def install_probes() -> None:
-    """Stamp the batch, the wait, and the helper thread's device wait."""
-    dist.batch_isend_irecv = stamped("post", dist.batch_isend_irecv)
-    p2p.wait_on_device = stamped("wait", p2p.wait_on_device)
-    original = p2p._wait_on_thread
-
-    def wait_on_thread(block, *args, **kwargs):
-        return original(stamped("device", block), *args, **kwargs)
-
-    p2p._wait_on_thread = wait_on_thread
-
-
 def sync_on_caller(works, peers, backend, timeout, should_abort, **kwargs) -> None:
-    """``wait_on_device`` without the helper thread (no abort, no timeout)."""
+    """The device wait without abort or timeout: an event synchronised on
+    the calling thread."""
     for work in works:
         work.wait()
     done = backend.new_event()
@@ -90,9 +86,46 @@ def sync_on_caller(works, peers, backend, timeout, should_abort, **kwargs) -> No
     backend.synchronize_event(done)
 
 
+def plain_posts(group: dist.ProcessGroup) -> Callable:
+    """``P2PTransport._post`` with each message a plain send or receive on
+    the group, no coalesced batch (safe here: one peer, one direction)."""
+
+    def post(messages, tag):
+        works = [
+            (group.send if m.is_send else group.recv)([m.rows], m.peer, tag)
+            for m in messages
+        ]
+        return works, [[m.peer] for m in messages]
+
+    return post
+
+
+def variant(transport: P2PTransport, fn: Callable, change: str) -> Callable:
+    """``fn`` with one part of the transport replaced: ``thread-per-layer``
+    (a fresh waiter thread for every layer, as before issue 13c), ``sync``
+    (the wait as :func:`sync_on_caller`) or ``plain`` (plain messages)."""
+
+    def run() -> None:
+        waiter, post, wait = transport._waiter, transport._post, p2p.wait_on_device
+        if change == "thread-per-layer":
+            transport._waiter = None
+        elif change == "sync":
+            p2p.wait_on_device = sync_on_caller
+        elif change == "plain":
+            transport._post = plain_posts(transport.group)
+        try:
+            fn()
+        finally:
+            transport._waiter, transport._post = waiter, post
+            p2p.wait_on_device = wait
+
+    return run
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=40)
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="flat")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if "RANK" not in os.environ:
@@ -108,25 +141,25 @@ def main() -> int:
         dist.all_reduce(torch.zeros(1, device=device), group=group)
     backend = DeviceBackend.for_device(device)
     slots = EXPERTS_PER_RANK
-    gen = torch.Generator(device=device).manual_seed(rank)
-    weights = [
-        torch.randint(
-            0,
-            256,
-            (slots, EXPERT_BYTES),
-            dtype=torch.uint8,
-            device=device,
-            generator=gen,
+
+    def layer_of(owner: int) -> torch.Tensor:
+        gen = torch.Generator(device=device).manual_seed(owner)
+        shape = (slots, layout_bytes(args.layout, EXPERT_BYTES))
+        return torch.randint(
+            0, 256, shape, dtype=torch.uint8, device=device, generator=gen
         )
-    ]
+
+    rows = layer_of(rank)
+    weights = split_layer(args.layout, rows)
+    # rank 1's buffer must end up holding rank 0's layer, byte for byte
+    expected = [w.view(torch.uint8) for w in split_layer(args.layout, layer_of(0))]
     row = list(range(2 * slots))
     new = row[:slots] + row[:slots]  # rank 1 takes rank 0's experts
     plan = plan_layer(row, new, 2, 2)
     buffer = StagingBuffer(weights, backend)
-    flat = weights[0].view(-1)
+    flat = rows.view(-1)
     incoming = torch.empty_like(flat)
     transport = P2PTransport(backend, staging, timeout=60.0)
-    install_probes()
 
     def floor() -> None:
         if rank == 0:
@@ -135,40 +168,30 @@ def main() -> int:
             dist.recv(incoming, 0, group=staging)
 
     def batch1() -> None:
-        op = (dist.isend, flat, 1) if rank == 0 else (dist.irecv, incoming, 0)
-        works = dist.batch_isend_irecv([dist.P2POp(op[0], op[1], op[2], staging)])
-        sync_on_caller(works, None, backend, 0, None)
+        staging._start_coalescing(device)
+        if rank == 0:
+            staging.send([flat], 1, 0)
+        else:
+            staging.recv([incoming], 0, 0)
+        work = staging._end_coalescing(device)
+        sync_on_caller([work], None, backend, 0, None)
 
     def stage() -> None:
         transport.stage_layer(plan, rank, weights, buffer.slot(0))
 
-    original_wait = p2p.wait_on_device
-
-    def stage_sync() -> None:
-        p2p.wait_on_device = sync_on_caller
-        try:
-            stage()
-        finally:
-            p2p.wait_on_device = original_wait
-
-    def stage_batchapi() -> None:
-        coalesces, transport._coalesces = transport._coalesces, False
-        try:
-            stage()
-        finally:
-            transport._coalesces = coalesces
-
-    variants = {
-        "floor": floor,
-        "batch1": batch1,
-        "transport": stage,
-        "transport-batchapi": stage_batchapi,
-        "transport-sync": stage_sync,
-    }
+    transport._post = stamped("post", transport._post)
+    p2p.wait_on_device = stamped("wait", p2p.wait_on_device)
+    variants = {"floor": floor, "batch1": batch1, "transport": stage}
+    for change in ("thread-per-layer", "sync", "plain"):
+        variants[f"transport-{change}"] = variant(transport, stage, change)
     host: dict[str, list[float]] = {k: [] for k in variants}
+    first: dict[str, float] = {}
     phases: list[dict[str, float]] = []
+    exact = {k: True for k in variants if k.startswith("transport")}
     for rep in range(args.reps + 3):
         for name, fn in variants.items():
+            for view in buffer.slot(0):
+                view.view(torch.uint8).fill_(0)  # poisoned: every byte must land
             torch.cuda.synchronize()
             dist.barrier(group=control)
             STAMPS.clear()
@@ -178,21 +201,24 @@ def main() -> int:
             end.record()
             end.synchronize()
             t1 = time.perf_counter()
+            if rep == 0:
+                first[name] = (t1 - t0) * 1e3
+            if rank == 1 and name in exact:
+                exact[name] &= all(
+                    torch.equal(got.view(torch.uint8), want)
+                    for got, want in zip(buffer.slot(0), expected, strict=True)
+                )
             if rep >= 3:
                 host[name].append(t1 - t0)
                 if name == "transport":
                     phases.append({"call": t0, **STAMPS, "return": t1})
-    got = buffer.slot(0)[0]
     dist.barrier(group=control)
     everyone: list = [None, None]
     dist.all_gather_object(
-        everyone, {"host": host, "phases": phases, "weights": None}, group=control
+        everyone,
+        {"host": host, "phases": phases, "first": first, "exact": exact},
+        group=control,
     )
-    sent: list = [None, None]
-    dist.all_gather_object(sent, weights[0].cpu() if rank == 0 else None, group=control)
-    exact = rank == 0 or torch.equal(got.cpu(), sent[0])
-    exact_all: list = [None, None]
-    dist.all_gather_object(exact_all, exact, group=control)
     if rank == 1:
         nbytes = flat.numel()
         rows = {}
@@ -211,18 +237,34 @@ def main() -> int:
                         (value - recv["call"]) * 1e3
                     )
         medians = {k: statistics.median(v) for k, v in rel.items()}
-        print(f"bit-exact: {all(exact_all)}")
-        print(f"{'variant':16s} {'ms':>7s} {'GB/s':>7s} {'vs floor':>9s}")
+        exact = everyone[1]["exact"]
+        for name, r in rows.items():
+            r["first_call_ms"] = max(v["first"][name] for v in everyone)
+            if name in exact:
+                r["bit_exact"] = exact[name]
+        print(f"layout {args.layout}, {nbytes / 1e6:.1f} MB, median of {args.reps}")
+        print(f"bit-exact: {all(exact.values())}")
+        head = f"{'variant':24s} {'ms':>7s} {'GB/s':>7s} {'vs floor':>9s}"
+        print(f"{head} {'first call ms':>14s}")
         for name, r in rows.items():
             pct = 100 * r["vs_floor"]
-            print(f"{name:16s} {r['ms']:7.3f} {r['GBps']:7.1f} {pct:8.1f}%")
+            print(
+                f"{name:24s} {r['ms']:7.3f} {r['GBps']:7.1f} {pct:8.1f}% "
+                f"{r['first_call_ms']:14.1f}"
+            )
         print("transport phases, ms after the receiver's call (median):")
         for key, value in sorted(medians.items(), key=lambda kv: kv[1]):
             print(f"  {key:24s} {value:8.3f}")
         if args.json:
             args.json.write_text(
                 json.dumps(
-                    {"rows": rows, "phases_ms": medians, "bit_exact": all(exact_all)},
+                    {
+                        "layout": args.layout,
+                        "reps": args.reps,
+                        "rows": rows,
+                        "phases_ms": medians,
+                        "bit_exact": all(exact.values()),
+                    },
                     indent=2,
                 )
             )

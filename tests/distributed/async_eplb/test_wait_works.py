@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -10,7 +12,11 @@ import pytest
 from fake_works import FakeWork, until
 
 from vllm.distributed.async_eplb.transports import TransferError
-from vllm.distributed.async_eplb.transports.p2p import wait_on_device, wait_works
+from vllm.distributed.async_eplb.transports.p2p import (
+    DeviceWaiter,
+    wait_on_device,
+    wait_works,
+)
 
 
 def _wait_in_thread(works, peers, *, pollable: bool, reports: list, **kw):
@@ -174,3 +180,78 @@ def test_device_wait_gives_up_on_abort_and_on_timeout_naming_the_peers() -> None
     assert 0.2 <= time.monotonic() - start < 2.0
     backend.landed.set()  # let the abandoned helper threads end
     stuck.landed.set()
+
+
+class CountingBackend(FakeBackend):
+    """Every event is done at once; the threads that waited on them kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.landed.set()
+        self.waited_on: list[threading.Thread] = []
+
+    def synchronize_event(self, event: str) -> None:
+        self.waited_on.append(threading.current_thread())
+        if event == "broken":
+            raise RuntimeError("device error")
+
+
+def test_a_waiter_serves_every_layer_on_one_thread_and_ends_when_dropped() -> None:
+    backend = CountingBackend()
+    waiter = DeviceWaiter(backend)
+    for _ in range(3):
+        wait_on_device(
+            [FakeStreamWork()], [[1]], backend, 10.0, lambda: False, waiter=waiter
+        )
+    assert len(backend.waited_on) == 3 and len(set(backend.waited_on)) == 1
+    (thread,) = set(backend.waited_on)
+    assert thread.is_alive() and thread is not threading.current_thread()
+    del waiter
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_a_device_error_on_the_waiter_reaches_the_caller() -> None:
+    backend = CountingBackend()
+    backend.new_event = lambda: "broken"
+    waiter = DeviceWaiter(backend)
+    with pytest.raises(RuntimeError, match="device error"):
+        wait_on_device(
+            [FakeStreamWork()], [[1]], backend, 10.0, lambda: False, waiter=waiter
+        )
+    # the thread goes on serving the next wait
+    backend.new_event = lambda: "done"
+    wait_on_device(
+        [FakeStreamWork()], [[1]], backend, 10.0, lambda: False, waiter=waiter
+    )
+    assert len(set(backend.waited_on)) == 1
+
+
+_EXIT_SCRIPT = """
+import atexit, threading, time
+
+def report():  # registered first: runs after the transport module's hook
+    alive = [t for t in threading.enumerate() if t.name == "async-eplb-wait"]
+    print("waiters alive at exit:", len(alive))
+
+atexit.register(report)
+from vllm.distributed.async_eplb.transports.p2p import DeviceWaiter
+
+class Backend:
+    def synchronize_event(self, event):
+        time.sleep(0.3)  # still blocked on a layer when the script ends
+
+waiter = DeviceWaiter(Backend())
+waiter.submit("layer")
+"""
+
+
+def test_waiter_threads_end_before_the_interpreter_finalizes() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "waiters alive at exit: 0" in done.stdout

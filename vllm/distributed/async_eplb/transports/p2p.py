@@ -21,8 +21,11 @@ abort (what ``EplbState`` does when it recovers).
 
 from __future__ import annotations
 
+import atexit
+import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -43,6 +46,7 @@ from vllm.distributed.async_eplb.transports import (
 )
 
 __all__ = [
+    "DeviceWaiter",
     "Message",
     "P2PTransport",
     "direct_messages",
@@ -281,6 +285,81 @@ def _wait_on_thread(
         raise failure[0]
 
 
+# Each waiter thread running, with its queue (the thread's own entry goes
+# when it ends): ended before the interpreter finalizes, see _end_waiters.
+_WAITERS: dict[threading.Thread, queue.SimpleQueue] = {}
+_WAITERS_LOCK = threading.Lock()
+_EXIT_JOIN_S = 1.0
+
+
+class DeviceWaiter:
+    """One long-lived daemon thread that blocks on device events (GIL released).
+
+    Started once, not per layer: starting a thread makes the caller wait
+    until it runs, and a thread's end takes the GIL again; with the forward's
+    thread busy in Python each such hand-over of the GIL can cost up to the
+    interpreter's switch interval. The thread ends once this object is
+    garbage-collected (or at exit) and the event it is blocked on (if any)
+    completes.
+    """
+
+    def __init__(self, backend: DeviceBackend) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        thread = threading.Thread(
+            target=_serve_waits,
+            args=(self._jobs, backend),
+            name="async-eplb-wait",
+            daemon=True,
+        )
+        with _WAITERS_LOCK:
+            _WAITERS[thread] = self._jobs
+        thread.start()
+        weakref.finalize(self, self._jobs.put, None)
+
+    def submit(self, event: Any) -> tuple[threading.Event, list[BaseException]]:
+        """Block on ``event`` on the thread: set when it is done, with the
+        exception it raised (if any) in the list."""
+        ended: threading.Event = threading.Event()
+        failure: list[BaseException] = []
+        self._jobs.put((event, ended, failure))
+        return ended, failure
+
+
+def _serve_waits(jobs: queue.SimpleQueue, backend: DeviceBackend) -> None:
+    """The waiter thread: each job's event, in order, until ``None``."""
+    try:
+        while (job := jobs.get()) is not None:
+            event, ended, failure = job
+            try:
+                backend.synchronize_event(event)
+            except BaseException as exc:  # handed to the waiting thread
+                failure.append(exc)
+            finally:
+                ended.set()
+    finally:
+        with _WAITERS_LOCK:
+            _WAITERS.pop(threading.current_thread(), None)
+
+
+@atexit.register
+def _end_waiters() -> None:
+    """End the waiter threads while the interpreter still runs them.
+
+    A daemon thread woken once the interpreter is finalizing is stopped
+    where it stands; with torch's per-thread state that aborted the process
+    ("terminate called without an active exception", 5 of 6 runs on two
+    H200s whose transport was alive at exit). A thread still blocked on a
+    transfer that never ends is left after ``_EXIT_JOIN_S``.
+    """
+    with _WAITERS_LOCK:
+        running = list(_WAITERS.items())
+    for _, jobs in running:
+        jobs.put(None)
+    deadline = time.monotonic() + _EXIT_JOIN_S
+    for thread, _ in running:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
 def wait_on_device(
     works: Sequence[Any],
     peers: Sequence[Sequence[int]],
@@ -289,17 +368,19 @@ def wait_on_device(
     should_abort: Callable[[], bool],
     progress: Callable[[Sequence[int]], None] = lambda peers: None,
     abandon: Callable[[Sequence[Any]], None] = lambda items: None,
+    waiter: DeviceWaiter | None = None,
 ) -> None:
     """Device-collective works (NCCL, HCCL): wait without polling.
 
     The caller's stream waits for the works at once (``work.wait()`` blocks
-    no host thread there); a helper thread then blocks on one event after
-    them, with the GIL released, so the caller wakes as soon as the bytes
-    have landed, and gives up on abort or after ``timeout``. Polling instead
-    either sees the end late or wakes often, each wake-up taking the GIL from
-    the forward's thread. On abort or timeout the works still running are
-    handed to ``abandon`` (their receives may still land; the transport
-    counts them until they complete), not the helper thread.
+    no host thread there); ``waiter``'s thread (a fresh one when ``None``)
+    then blocks on one event after them, with the GIL released, so the
+    caller wakes as soon as the bytes have landed, and gives up on abort or
+    after ``timeout``. Polling instead either sees the end late or wakes
+    often, each wake-up taking the GIL from the forward's thread. On abort or
+    timeout the works still running are handed to ``abandon`` (their
+    receives may still land; the transport counts them until they complete);
+    the waiter's thread ends its wait when they do.
     """
     if not works:
         return
@@ -311,17 +392,19 @@ def wait_on_device(
     done = backend.new_event()
     backend.record_event(done)
     progress(everyone)
+    ended, failure = (waiter or DeviceWaiter(backend)).submit(done)
     try:
-        _wait_on_thread(
-            lambda: backend.synchronize_event(done),
-            everyone,
-            should_abort,
-            progress,
-            deadline=deadline,
-            abandon=lambda _: abandon(list(works)),
-        )
+        while not ended.wait(_ABORT_POLL_S):
+            _raise_if_aborted(should_abort, everyone)
+            if time.monotonic() > deadline:
+                raise TransferError(f"timed out waiting for ranks {everyone}", everyone)
+    except TransferError:
+        abandon(list(works))
+        raise
     finally:
         progress(())
+    if failure:
+        raise failure[0]
 
 
 def wait_works(
@@ -374,6 +457,8 @@ class P2PTransport(Transport):
         self._scratch = torch.empty(0, dtype=torch.uint8, device=backend.device)
         self._global_rank: dict[int, int] = {}
         self._coalesces = self.pollable and _coalesces(group, backend.device)
+        # started with the transport (start-up), not at the first layer
+        self._waiter = DeviceWaiter(backend) if self.pollable else None
         self._job = 0
         self._layer_seq = 0
 
@@ -527,6 +612,7 @@ class P2PTransport(Transport):
             self.should_abort,
             progress=self._set_waiting_on,
             abandon=self._abandon,
+            waiter=self._waiter,
         )
 
     @property
