@@ -16,7 +16,12 @@ from pathlib import Path
 
 from vllm.distributed.async_eplb.config import POLICIES
 from vllm.distributed.async_eplb.simulation import compare, vllm_baseline
-from vllm.distributed.async_eplb.simulation.launch import RankFailed, launch
+from vllm.distributed.async_eplb.simulation.launch import (
+    RankFailed,
+    compile_policy,
+    compiled_line,
+    launch,
+)
 from vllm.distributed.async_eplb.simulation.memory import (
     MemoryEstimate,
     available_bytes,
@@ -246,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return compare.run(
             config, progress=not args.no_progress, started=started, memory=memory
         )
+    print(compiled_line(compile_policy(config)), flush=True)
     try:
         result = launch(config, progress=not args.no_progress)
     except RankFailed as exc:

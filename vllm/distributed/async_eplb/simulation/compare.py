@@ -243,9 +243,16 @@ def run(config: Any, *, progress: bool, started: float, memory: dict) -> int:
     Exit status 0 only when both finished and both verified bit-exact.
     """
     from vllm.distributed.async_eplb.simulation import vllm_baseline
-    from vllm.distributed.async_eplb.simulation.launch import RankFailed, launch
+    from vllm.distributed.async_eplb.simulation.launch import (
+        RankFailed,
+        compile_policy,
+        compiled_line,
+        launch,
+    )
 
+    imported = time.perf_counter()
     vllm_baseline.preload()  # once, in the parent: the forked ranks share it
+    print(f"vLLM imported in {time.perf_counter() - imported:.1f} s", flush=True)
     runs = {"vllm": baseline_config(config), "ours": config}
     results: dict[str, SimulationResult] = {}
     for index, (name, run_config) in enumerate(runs.items(), 1):
@@ -255,12 +262,15 @@ def run(config: Any, *, progress: bool, started: float, memory: dict) -> int:
             flush=True,
         )
         run_started = time.perf_counter()
+        if name == "ours":
+            print(f"  {compiled_line(compile_policy(run_config))}", flush=True)
         try:
             results[name] = launch(run_config, progress=progress)
         except RankFailed as exc:
             print(f"{PROG}: error: {LABELS[name]}: {exc}", file=sys.stderr)
             return 1
         results[name].wall_seconds = time.perf_counter() - run_started
+        print(f"  done in {results[name].wall_seconds:.1f} s", flush=True)
         results[name].memory.update(memory)
     columns = {name: compare_summary(result) for name, result in results.items()}
     print(format_comparison(columns))
