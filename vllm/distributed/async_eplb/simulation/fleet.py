@@ -63,6 +63,7 @@ __all__ = [
     "Links",
     "PlanCache",
     "balancedness",
+    "cumulative_load",
     "geometry_from_config",
     "no_eplb_moe_time",
     "observed_load",
@@ -274,14 +275,14 @@ def placement_rank_load(
 ) -> np.ndarray:
     """Rank load ``[..., L, num_ranks]`` of ``load [..., L, E]`` served by
     ``phy2log [L, P]``: an expert's tokens split evenly over its replicas."""
-    layers, slots = phy2log.shape
-    counts = np.zeros((layers, load.shape[-1]))
+    layers, experts = phy2log.shape[0], load.shape[-1]
+    counts = np.zeros((layers, experts))
     np.add.at(counts, (np.arange(layers)[:, None], phy2log), 1.0)
     share = load / np.maximum(counts, 1.0)
-    per_slot = np.take_along_axis(
-        share, np.broadcast_to(phy2log, (*share.shape[:-1], slots)), axis=-1
-    )
-    return per_slot.reshape(*per_slot.shape[:-1], num_ranks, -1).sum(axis=-1)
+    # One gather over the flattened (layer, expert) axis: each slot's share.
+    flat = (np.arange(layers)[:, None] * experts + phy2log).ravel()
+    per_slot = np.take(share.reshape(*share.shape[:-2], -1), flat, axis=-1)
+    return per_slot.reshape(*share.shape[:-2], layers, num_ranks, -1).sum(axis=-1)
 
 
 def balancedness(rank_load: np.ndarray) -> np.ndarray:
@@ -290,6 +291,14 @@ def balancedness(rank_load: np.ndarray) -> np.ndarray:
     mean = rank_load.mean(axis=-1).sum(axis=-1)
     peak = rank_load.max(axis=-1).sum(axis=-1)
     return np.divide(mean, peak, out=np.zeros_like(mean), where=peak > 0)
+
+
+def cumulative_load(trace: np.ndarray) -> np.ndarray:
+    """``[W + 1, L, E]`` float64: entry w sums the trace's windows before w."""
+    out = np.empty((trace.shape[0] + 1, *trace.shape[1:]))
+    out[0] = 0.0
+    np.cumsum(trace, axis=0, out=out[1:])
+    return out
 
 
 def observed_load(
@@ -441,11 +450,13 @@ def replay(
     min_gain: float = AsyncEplbConfig.min_gain,
     on_rebalance: Callable[[], None] | None = None,
     moe_time_no_eplb: float | None = None,
+    cumulative: np.ndarray | None = None,
 ) -> FleetRun:
     """Replay ``trace [W, L, E]`` (tokens per window) under one policy.
 
-    ``moe_time_no_eplb``: ``no_eplb_moe_time`` of this trace and fleet size,
-    when the caller already has it (it is the same for every policy)."""
+    ``moe_time_no_eplb`` (``no_eplb_moe_time`` of this trace and fleet size)
+    and ``cumulative`` (``cumulative_load`` of the trace): when the caller
+    already has them (the same for every run of a sweep)."""
     setting.check(geometry)
     windows, layers, experts = trace.shape
     if (layers, experts) != (geometry.num_layers, geometry.num_experts):
@@ -462,7 +473,8 @@ def replay(
     sync = policy == VLLM_POLICY
     ranks, slots = setting.gpus, geometry.num_experts + setting.redundant
     total_steps = windows * steps_per_window
-    cumulative = np.concatenate([np.zeros((1, layers, experts)), trace.cumsum(0)])
+    if cumulative is None:
+        cumulative = cumulative_load(trace)
 
     # Placement changes: (first step it serves, phy2log), vLLM's initial map.
     placement = np.tile(np.arange(slots) % experts, (layers, 1)).astype(np.int64)

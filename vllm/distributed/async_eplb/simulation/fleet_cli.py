@@ -235,6 +235,15 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="rebalance", file=sys.stderr, mininterval=1.0)
 
 
+def _process_seconds() -> float | None:
+    """Wall time since this process started (None without psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return time.time() - psutil.Process().create_time()
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = build_parser().parse_args(argv)
@@ -318,10 +327,19 @@ def main(argv: list[str] | None = None) -> int:
     config = {key: value for key, value in vars(args).items() if key not in ("sweep",)}
     config.update(geometry=vars(geometry), trace_text=trace_text, notes=notes)
     write_json(out / "report.json", config, rows, runs)
-    print(f"run time {time.perf_counter() - started:.1f} s")
     print(f"report: {out / 'report.json'}")
     if write_plot(out / "plot.png", rows, runs):
         print(f"plot: {out / 'plot.png'}")
     else:
         print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+    since_start = _process_seconds()
+    print(
+        f"run time {time.perf_counter() - started:.1f} s"
+        + (
+            ""
+            if since_start is None
+            else f" ({since_start:.1f} s since the process started, imports included)"
+        )
+        + f", {args.jobs} job{'s' if args.jobs > 1 else ''}"
+    )
     return 0

@@ -37,6 +37,7 @@ from vllm.distributed.async_eplb.simulation.fleet import (
     Geometry,
     Links,
     PlanCache,
+    cumulative_load,
     no_eplb_moe_time,
     rebalance_steps,
     replay,
@@ -116,6 +117,7 @@ class UnitRunner:
         self._caches: dict[tuple[int, int], PlanCache] = {}
         self._no_eplb: dict[int, float] = {}
         self._warm: set[str] = set()
+        self._cumulative = cumulative_load(inputs.trace)
 
     def run(
         self, unit: Unit, on_rebalance: Callable[[], None] | None
@@ -146,6 +148,7 @@ class UnitRunner:
                     min_gain=inputs.min_gain,
                     on_rebalance=on_rebalance,
                     moe_time_no_eplb=self._no_eplb[setting.gpus],
+                    cumulative=self._cumulative,
                 )
             )
         return runs
