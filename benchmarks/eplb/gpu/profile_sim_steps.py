@@ -9,7 +9,10 @@ and in every rank process:
   time (wall much larger than CPU: the thread waited, for the GIL, a lock or
   the device);
 - logs, with the same clock, what the helper threads did: the staging
-  worker's layers (``StagingWorker._stage``), the transport's job start
+  worker's layers (``StagingWorker._stage``), the commit's copies it makes
+  ready (``_commit_kit``), its waits at the step gate
+  (``StagingThread.pause``), Python's garbage collections (``gc.genN``, on
+  whichever thread), the transport's job start
   (``prepare_job``), each layer's transfer (``stage_layer``), and the
   planner (``plan_thread.compute_plans``);
 - times, per step, the main-thread calls of the step's parts (votes,
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import cProfile
 import functools
+import gc
 import json
 import os
 import pstats
@@ -186,8 +190,11 @@ def _install(recorder: _Recorder) -> None:
             cls = getattr(importlib.import_module(f"{_PKG}.{module}"), cls_name)
             _time_part(recorder, cls, name)
         timed(worker.StagingWorker, "_stage")
+        timed(worker.StagingWorker, "_commit_kit")  # staging thread, per layer
+        timed(worker.StagingThread, "pause")  # parked while a step runs
         timed(worker.StagingWorker, "commit_layer")
         timed(plan_thread, "compute_plans")  # what the planner thread runs
+        _log_gc(recorder)
         for sub in _transport_classes(Transport):
             for name in ("prepare_job", "stage_layer"):
                 if name in vars(sub):
@@ -206,6 +213,23 @@ def _install(recorder: _Recorder) -> None:
 
 
 _PKG = "vllm.distributed.async_eplb"
+
+
+def _log_gc(recorder: _Recorder) -> None:
+    """Log Python's garbage collections (thread, generation) as intervals:
+    a collection holds the GIL, whichever thread runs it."""
+    started: dict[int, float] = {}
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        key = threading.get_ident()
+        if phase == "start":
+            started[key] = time.perf_counter()
+        elif key in started:
+            start = started.pop(key)
+            name = f"gc.gen{info['generation']}"
+            recorder.interval(name, start, time.perf_counter())
+
+    gc.callbacks.append(callback)
 
 
 def _gpu_forward(ms: float) -> None:

@@ -65,13 +65,23 @@ class EplbParts:
     def layers_per_model(self) -> list[int]:
         return [s.model.num_moe_layers for s in self.models.values()]
 
-    def plan_request(self, loads: list[torch.Tensor]) -> PlanRequest:
-        """The planner's input: CPU copies, so commits cannot change it."""
+    def plan_request(
+        self,
+        loads: list[torch.Tensor],
+        placements: list[torch.Tensor] | None = None,
+    ) -> PlanRequest:
+        """The planner's input: CPU copies, so commits cannot change it.
+
+        ``placements``: each model's ``phy2log`` as the load was summed under
+        (host copies); by default read from the maps.
+        """
         if self.recorder is not None:  # the first model's load, summed over ranks
             self.recorder.add_window(loads[0])
         states = self.states
+        if placements is None:
+            placements = [s.maps.phy2log for s in states]
         return PlanRequest.of(
-            [s.maps.phy2log for s in states],
+            placements,
             loads,
             [s.model.num_expert_groups for s in states],
             num_ranks=self.ep.world_size,

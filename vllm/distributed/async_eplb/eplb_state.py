@@ -59,6 +59,7 @@ from vllm.distributed.async_eplb.replica_check import ReplicaCheck
 from vllm.distributed.async_eplb.round_driver import RoundDriver
 from vllm.distributed.async_eplb.staging_fleet import StagingFleet
 from vllm.distributed.async_eplb.staging_groups import StagingGroups
+from vllm.distributed.async_eplb.step_gate import StepGate
 from vllm.distributed.async_eplb.sync_mover import profile_transfer, rearrange_sync
 from vllm.distributed.async_eplb.transports import staging_backend
 
@@ -125,6 +126,7 @@ class EplbState:
         self._config_hash = _ConfigHashes()
         self._ep_group = ep_group
         self._round = RebalanceRound(self.config.timeout_s)
+        self._gate = StepGate()  # closed during step(): staging waits outside it
         # Built at the first add_model (collective: the vote and staging groups).
         self._parts: EplbParts | None = None
         self._fleet: StagingFleet | None = None
@@ -167,7 +169,7 @@ class EplbState:
             vote,
             self.replica_check,
         )
-        self._fleet = StagingFleet(parts, groups)
+        self._fleet = StagingFleet(parts, groups, gate=self._gate)
         log = BalanceLog(parts, self.expert_rearrangement_step_interval)
         self._balance_log = log
         self._driver = RoundDriver(
@@ -220,6 +222,8 @@ class EplbState:
         if self.is_async:
             self._fleet.attach_worker(state)
         self.model_states[self._config_hash(model_config)] = state
+        if self.is_async:
+            self._driver.reserve_load_payload()
 
     def validate_ep_configuration(self, new_model: Any) -> None:
         """vLLM's check that ``new_model`` has the registered models' experts.
@@ -274,9 +278,26 @@ class EplbState:
     def step(
         self, is_dummy: bool = False, is_profile: bool = False, log_stats: bool = False
     ) -> None:
-        """Once per engine step on every rank, dummy steps included."""
+        """Once per engine step on every rank, dummy steps included.
+
+        This rank's staging thread holds off its Python work meanwhile
+        (``step_gate.py``), so the step does not wait for the GIL.
+        """
         if self._round.state is RoundState.SHUT_DOWN:
             return
+        self._gate.close()
+        try:
+            self._step(is_dummy, is_profile, log_stats)
+        finally:
+            self._gate.open()
+        if self._driver is not None:
+            # Last, so that the threads woken here start once the step is
+            # over: staging resumes after this step's commits, and planning
+            # starts from a load vote read in this step.
+            self._fleet.wake()
+            self._driver.start_planning()
+
+    def _step(self, is_dummy: bool, is_profile: bool, log_stats: bool) -> None:
         self.replica_check.poll()  # commit digests the device has finished
         if is_profile:
             # The profile run's load is not traffic (vLLM 0.33 drops it too).
@@ -308,8 +329,6 @@ class EplbState:
             self._balance_log.launch(self.step_count, log_step, log_tokens)
             if not self.is_async:
                 driver.collect(every_vote=True)
-        driver.start_planning()
-        self._fleet.wake()  # staging resumes after this step's commits
 
     def _interval_due(self) -> None:
         if self._round.state is RoundState.IDLE:

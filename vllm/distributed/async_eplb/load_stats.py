@@ -121,6 +121,9 @@ class LoadWindow:
         self._steps = torch.zeros(
             (window_size, *phy2log.shape), dtype=torch.int64, device=phy2log.device
         )
+        # One view per slot, made once: a record is then one copy.
+        self._slots = self._steps.unbind(0)
+        self._step_shape = phy2log.shape
         self._version_of_step = [-1] * window_size  # -1: slot never written
         self._placements = {0: phy2log.detach().clone()}
         self._layer_offsets = (
@@ -152,14 +155,21 @@ class LoadWindow:
     def window_size(self) -> int:
         return self._steps.shape[0]
 
+    @property
+    def total_numel(self) -> int:
+        """Entries of :meth:`total`'s ``[L, E]`` result."""
+        return self._steps.shape[1] * self.num_logical_experts
+
     def record(self, physical_load: torch.Tensor) -> None:
-        """Store one step's ``[L, P]`` load under the current placement."""
-        if physical_load.shape != self._steps.shape[1:]:
+        """Store one step's ``[L, P]`` load under the current placement.
+
+        Runs on the engine's thread every step: one device op."""
+        if physical_load.shape != self._step_shape:
             raise ValueError(
                 f"load of shape {tuple(physical_load.shape)} does not match the "
-                f"window's {tuple(self._steps.shape[1:])}"
+                f"window's {tuple(self._step_shape)}"
             )
-        self._steps[self._next].copy_(physical_load)
+        self._slots[self._next].copy_(physical_load)
         self._version_of_step[self._next] = self._version
         self._next = (self._next + 1) % self.window_size
         self.num_recorded += 1
@@ -211,7 +221,10 @@ class LoadWindow:
         index_of = {v: k for k, v in enumerate(versions)}
         which = [index_of.get(v, 0) for v in self._version_of_step]
         maps = torch.stack([self._placements[v] for v in versions])
-        index = torch.tensor(which, device=out.device)
+        # From pinned memory without waiting: a blocking copy would wait for
+        # the forward pass still queued on the device.
+        pinned = out.device.type != "cpu"
+        index = torch.tensor(which, pin_memory=pinned).to(out.device, non_blocking=True)
         # flat index layer * E + logical expert, per step and slot
         logical = maps.index_select(0, index).to(torch.int64)
         logical += self._layer_offsets

@@ -77,7 +77,8 @@ def encode_ready(report: ReadyReport, layers_per_model: Sequence[int]) -> list[i
 
 def decode_ready(total: Sequence[int], layers_per_model: Sequence[int]) -> ReadyTally:
     """Read a summed payload (a list or a 1-D int tensor)."""
-    values = [int(v) for v in total]
+    # One conversion: iterating a tensor would index it once per entry.
+    values = total.tolist() if hasattr(total, "tolist") else [int(v) for v in total]
     expected = _HEADER + sum(layers_per_model)
     if len(values) != expected:
         raise ValueError(

@@ -15,6 +15,7 @@ import time
 from vllm.distributed.async_eplb.eplb_parts import EplbParts
 from vllm.distributed.async_eplb.model_state import EplbModelState
 from vllm.distributed.async_eplb.staging_groups import StagingGroups
+from vllm.distributed.async_eplb.step_gate import StepGate
 from vllm.distributed.async_eplb.transports import Transport, make_transport
 from vllm.distributed.async_eplb.worker import StagingThread, StagingWorker
 
@@ -24,9 +25,13 @@ __all__ = ["StagingFleet"]
 class StagingFleet:
     """Transports and staging workers of every registered model."""
 
-    def __init__(self, parts: EplbParts, groups: StagingGroups) -> None:
+    def __init__(
+        self, parts: EplbParts, groups: StagingGroups, gate: StepGate | None = None
+    ) -> None:
         self.parts = parts
         self.groups = groups
+        self.gate = gate
+        """The engine's step gate, passed to the staging thread."""
         self.thread: StagingThread | None = None
         """Shared by every model's worker (None until the first worker)."""
         self.started = False
@@ -42,7 +47,9 @@ class StagingFleet:
         the same on every rank (see ``worker.py``).
         """
         if self.thread is None:
-            self.thread = StagingThread(self.parts.backend, rank=self.parts.ep.rank)
+            self.thread = StagingThread(
+                self.parts.backend, rank=self.parts.ep.rank, gate=self.gate
+            )
         state.worker = StagingWorker(
             state.model.expert_weights,
             state.buffer,

@@ -31,12 +31,8 @@ import torch
 from vllm.distributed.async_eplb.device import DeviceBackend
 from vllm.distributed.async_eplb.maps import ExpertMaps, LayerMaps
 from vllm.distributed.async_eplb.planner import LayerPlan
-from vllm.distributed.async_eplb.staging import (
-    RowLayout,
-    StagingBuffer,
-    copy_slot_runs,
-    slot_runs,
-)
+from vllm.distributed.async_eplb.staging import RowLayout, StagingBuffer, slot_runs
+from vllm.distributed.async_eplb.step_gate import StepGate
 from vllm.distributed.async_eplb.transports import TransferError, Transport
 
 __all__ = [
@@ -99,6 +95,44 @@ class WorkerStatus:
     layer_seconds: tuple[float, ...]
 
 
+@dataclass(frozen=True)
+class _StagedLayer:
+    """A staged layer, with everything its commit needs made beforehand.
+
+    The staging thread builds the copies' views (workspace slices, staging
+    slices, map rows) and the release event while staging, so the commit on
+    the engine's thread launches them in one call: no slicing, no planning.
+    """
+
+    ring_slot: int
+    event: object  # the device has staged the layer once it is done
+    prepared: LayerMaps | None
+    map_rows: list[torch.Tensor]  # the maps' rows of the layer (if prepared)
+    map_values: list[torch.Tensor]  # the prepared rows they are set to
+    dst: list[torch.Tensor]  # workspace slices of the changed slots' runs
+    src: list[torch.Tensor]  # the staging buffer's slices they are copied from
+    released: object  # recorded after the commit's copies
+
+
+def copy_rows(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    """``dst[i] = src[i]`` on the current stream, launched in one call."""
+    if dst:  # a rank may keep every slot of a layer
+        torch._foreach_copy_(dst, src, non_blocking=True)
+
+
+def _load_copy_kernels(weights: Sequence[torch.Tensor]) -> None:
+    """Launch the commit's copies once now, at start-up, on scratch tensors.
+
+    ``torch._foreach_copy_`` runs one fused kernel per dtype when its tensors
+    share one (the maps' int64 rows, weights of one dtype); the first launch
+    of a kernel loads it (CUDA lazy loading): 13-18 ms of host time on the
+    H200s, which landed on the first commit's step.
+    """
+    for dtype in {t.dtype for t in weights} | {torch.int64}:
+        scratch = torch.zeros(2, dtype=dtype, device=weights[0].device)
+        copy_rows([scratch[:1]], [scratch[1:]])
+
+
 @dataclass
 class _Job:
     worker: StagingWorker
@@ -111,10 +145,8 @@ class _Job:
     new_rows: dict[int, torch.Tensor] = field(default_factory=dict)
     next_index: int = 0
     cancelled: bool = False
-    # layer -> (ring slot, staged event, prepared maps); staged, not committed
-    staged: dict[int, tuple[int, object, LayerMaps | None]] = field(
-        default_factory=dict
-    )
+    staged: dict[int, _StagedLayer] = field(default_factory=dict)
+    """Staged layers not yet committed."""
     committed: int = 0
 
     @property
@@ -130,9 +162,13 @@ class StagingThread:
     order. All state, the models' workers' included, is guarded by ``cond``.
     """
 
-    def __init__(self, backend: DeviceBackend, *, rank: int) -> None:
+    def __init__(
+        self, backend: DeviceBackend, *, rank: int, gate: StepGate | None = None
+    ) -> None:
         self.backend = backend
         self.rank = rank
+        self.gate = gate
+        """Passed before each piece of Python work (``step_gate.py``)."""
         self.cond = threading.Condition()
         self.stop_event = threading.Event()
         self.queue: deque[_Job] = deque()  # jobs still to stage, in order
@@ -182,6 +218,7 @@ class StagingThread:
                     task = self._next_task()
                     if task is None:
                         return
+                    self.pause()
                     try:
                         task[0].worker._stage(*task)
                     finally:
@@ -191,6 +228,11 @@ class StagingThread:
             logger.exception("staging worker thread died")
             with self.cond:
                 self._death = exc
+
+    def pause(self) -> None:
+        """Wait while the engine is inside a step (never holding ``cond``)."""
+        if self.gate is not None:
+            self.gate.wait()
 
     def _next_task(self) -> tuple[_Job, int, int, object, int | None] | None:
         """Wait for a layer that may be staged; ``None`` means stop.
@@ -251,6 +293,7 @@ class StagingWorker:
         if thread is not None and thread.rank != rank:
             raise ValueError(f"rank {rank} differs from its thread's {thread.rank}")
         self.expert_weights = [list(w) for w in expert_weights]
+        _load_copy_kernels(self.expert_weights[0])
         self.buffer = buffer
         self.transport = transport
         self.backend = backend
@@ -302,13 +345,7 @@ class StagingWorker:
             job, death = self._active, self._thread._death
             staged: tuple[int, ...] = ()
             if job is not None:
-                staged = tuple(
-                    sorted(
-                        layer
-                        for layer, (_, event, _) in job.staged.items()
-                        if self.backend.event_done(event)
-                    )
-                )
+                staged = self._done_layers(job)
             return WorkerStatus(
                 job_id=self.stats.job_id,
                 staged=staged,
@@ -409,11 +446,12 @@ class StagingWorker:
             job = self._active
             if job is None:
                 return []
-            return sorted(
-                layer
-                for layer, (_, event, _) in job.staged.items()
-                if self.backend.event_done(event)
-            )
+            return list(self._done_layers(job))
+
+    def _done_layers(self, job: _Job) -> tuple[int, ...]:
+        """``job``'s staged layers whose device work is done (lock held)."""
+        done = self.backend.event_done
+        return tuple(sorted(i for i, s in job.staged.items() if done(s.event)))
 
     def commit_layer(
         self,
@@ -426,7 +464,9 @@ class StagingWorker:
         """Copy ``layer``'s staged rows into the workspace, commit its maps.
 
         Runs on the caller's (forward) stream. Only changed slots are copied,
-        each run of consecutive slots as one slice copy. ``new_row`` may be
+        each run of consecutive slots as one slice copy; the staging thread
+        made the slices beforehand, so this launches the copies in one call
+        (``copy_rows``) and the map rows in another. ``new_row`` may be
         left out when the job was submitted with ``new_rows``: the maps
         prepared while staging are then committed with device copies only.
         ``wake=False``: the staging thread learns of the freed slot only at
@@ -436,7 +476,8 @@ class StagingWorker:
             job = self._active
             if job is None or layer not in job.staged:
                 raise RuntimeError(f"layer {layer} is not staged in the current job")
-            ring_slot, staged_event, prepared = job.staged[layer]
+            staged = job.staged[layer]
+        prepared = staged.prepared
         if new_row is not None:
             maps.commit_layer(layer, new_row)  # validates first: raises, no change
         elif prepared is None:
@@ -444,22 +485,21 @@ class StagingWorker:
                 f"layer {layer} has no prepared maps: pass new_row, or submit "
                 "the job with maps and new_rows"
             )
-        self.backend.wait_event(staged_event)
+        elif maps is not job.maps:
+            raise ValueError(
+                f"layer {layer}'s maps were prepared for the maps of its job, "
+                "not for the maps given"
+            )
+        self.backend.wait_event(staged.event)
         if new_row is None:
-            maps.commit_prepared(layer, prepared)
-        changed = job.plans[layer].ranks[self.rank].changed_slots
-        copy_slot_runs(
-            self.expert_weights[layer],
-            self.buffer.slot(ring_slot),
-            slot_runs(changed, changed),
-        )
-        released = self.backend.new_event()
-        self.backend.record_event(released)
+            torch._foreach_copy_(staged.map_rows, staged.map_values, non_blocking=True)
+        copy_rows(staged.dst, staged.src)
+        self.backend.record_event(staged.released)
         with self._cond:
             del job.staged[layer]
             job.committed += 1
             job.allowed += 1
-            self._free_slots.append((ring_slot, released))
+            self._free_slots.append((staged.ring_slot, staged.released))
             if job.committed == len(job.layers):
                 self._active = None
             self._wake_pending = not wake
@@ -491,8 +531,8 @@ class StagingWorker:
     def _drop(self, job: _Job) -> None:
         """Forget ``job``'s staged layers (caller holds the lock)."""
         job.cancelled = True
-        for ring_slot, staged_event, _ in job.staged.values():
-            self._free_slots.append((ring_slot, staged_event))
+        for staged in job.staged.values():
+            self._free_slots.append((staged.ring_slot, staged.event))
         job.staged.clear()
         if self._active is job:
             self._active = None
@@ -515,6 +555,9 @@ class StagingWorker:
                 backend.synchronize_event(job.ready_event)
                 self.transport.prepare_job(tag_space)
             backend.wait_event(free_event)
+            self._thread.pause()
+            kit = self._commit_kit(job, layer, ring_slot)
+            self._thread.pause()
             received = self.transport.stage_layer(
                 job.plans[layer],
                 self.rank,
@@ -522,12 +565,9 @@ class StagingWorker:
                 self.buffer.slot(ring_slot),
                 packed=self.buffer.packed(ring_slot),
             )
-            prepared = None
-            if job.maps is not None:
-                prepared = job.maps.prepare_layer(job.new_rows[layer])
-            staged = backend.new_event()
-            backend.record_event(staged)
-            backend.synchronize_event(staged)
+            backend.record_event(kit.event)
+            backend.synchronize_event(kit.event)
+            self._thread.pause()
         except Exception as exc:
             peers = exc.peers if isinstance(exc, TransferError) else ()
             error = StagingError(layer, peers, exc)
@@ -548,7 +588,37 @@ class StagingWorker:
                 self.stats.layer_seconds[layer] = time.perf_counter() - start
                 self.stats.layer_bytes[layer] = received
             if job.cancelled:
-                self._free_slots.append((ring_slot, staged))
+                self._free_slots.append((ring_slot, kit.event))
             else:
-                job.staged[layer] = (ring_slot, staged, prepared)
+                job.staged[layer] = kit
             self._cond.notify_all()
+
+    def _commit_kit(self, job: _Job, layer: int, ring_slot: int) -> _StagedLayer:
+        """The layer's prepared maps and its commit's copies (staging thread).
+
+        The maps are derived and copied to the device on the staging stream,
+        before the transfer; the event recorded after the transfer covers both.
+        """
+        backend = self.backend
+        prepared, map_rows, map_values, dst, src = None, [], [], [], []
+        if job.maps is not None:
+            prepared = job.maps.prepare_layer(job.new_rows[layer])
+            maps = job.maps
+            map_rows = [maps.phy2log[layer], maps.log2phy[layer], maps.logcnt[layer]]
+            map_values = [prepared.phy2log, prepared.log2phy, prepared.logcnt]
+        changed = job.plans[layer].ranks[self.rank].changed_slots
+        staging = self.buffer.slot(ring_slot)
+        for d, s, n in slot_runs(changed, changed):
+            for dst_t, src_t in zip(self.expert_weights[layer], staging, strict=True):
+                dst.append(dst_t[d : d + n])
+                src.append(src_t[s : s + n])
+        return _StagedLayer(
+            ring_slot,
+            backend.new_event(),
+            prepared,
+            map_rows,
+            map_values,
+            dst,
+            src,
+            backend.new_event(),
+        )

@@ -173,29 +173,30 @@ class DisabledMover:
     """Turns our weight mover off: maps commit, no expert row is copied.
 
     Replaces ``copy_slot_runs`` (buffer -> workspace) in every module of
-    the package that imported it, and counts the calls it swallowed, so the
-    test knows the patch took effect.
+    the package that imported it, and the async commit's ``copy_rows``, and
+    counts the calls it swallowed, so the test knows the patch took effect.
     """
 
     def __init__(self) -> None:
         self.calls = 0
-        self._patched: list[tuple[Any, Any]] = []
+        self._patched: list[tuple[Any, str, Any]] = []
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         self.calls += 1
 
     def install(self) -> None:
         for name, module in list(sys.modules.items()):
-            if name.startswith("vllm.distributed.async_eplb") and hasattr(
-                module, "copy_slot_runs"
-            ):
-                self._patched.append((module, module.copy_slot_runs))
-                module.copy_slot_runs = self
+            if not name.startswith("vllm.distributed.async_eplb"):
+                continue
+            for attr in ("copy_slot_runs", "copy_rows"):
+                if hasattr(module, attr):
+                    self._patched.append((module, attr, getattr(module, attr)))
+                    setattr(module, attr, self)
         assert self._patched, "no module of async_eplb has copy_slot_runs"
 
     def uninstall(self) -> None:
-        for module, original in self._patched:
-            module.copy_slot_runs = original
+        for module, attr, original in self._patched:
+            setattr(module, attr, original)
         self._patched = []
 
 

@@ -118,9 +118,9 @@ def run(scenario: str, steps: int, rank: int, world: int) -> dict:
     after = weights_digests(model.expert_weights)
     changed = (before != after).nonzero().tolist()
 
-    original_copy = worker_module.copy_slot_runs
+    original_copy = worker_module.copy_rows
     if scenario == "broken-commit":
-        worker_module.copy_slot_runs = lambda *args, **kwargs: None
+        worker_module.copy_rows = lambda *args, **kwargs: None
     state.step(is_dummy=True, is_profile=True)
     state.start_async_loop()
     mismatches = 0
@@ -130,7 +130,7 @@ def run(scenario: str, steps: int, rank: int, world: int) -> dict:
         if not torch.equal(model.forward(ids), model.reference_forward(ids)):
             mismatches += 1
         state.step()
-    worker_module.copy_slot_runs = original_copy
+    worker_module.copy_rows = original_copy
     # What every slot holds at the end, against the committed maps.
     slots = model.num_local_physical_experts
     phy2log = state.model_states["toy-hash"].maps.phy2log
