@@ -213,17 +213,28 @@ def run_sweep(
     connections: list[Connection] = []
     processes = []
     finished = False
+
+    def start(worker: int) -> None:
+        parent_end, child_end = context.Pipe()
+        process = context.Process(target=_worker, args=(child_end, inputs), daemon=True)
+        process.start()
+        child_end.close()
+        connections.append(parent_end)
+        processes.append(process)
+        parent_end.send((index := next_unit(worker), units[index]))
+
     try:
-        for worker in range(jobs):
-            parent_end, child_end = context.Pipe()
-            process = context.Process(
-                target=_worker, args=(child_end, inputs), daemon=True
-            )
-            process.start()
-            child_end.close()
-            connections.append(parent_end)
-            processes.append(process)
-            parent_end.send((index := next_unit(worker), units[index]))
+        # Worker 0 imports vLLM's policy while this process builds our
+        # policies' numba kernels (or loads them from numba's disk cache,
+        # seconds either way); the workers forked after it inherit them,
+        # instead of each compiling the same kernels on a fresh install.
+        first = 1 if with_vllm else 0
+        for worker in range(first):
+            start(worker)
+        for policy in sorted({p for u in units for p in u.policies} - {VLLM_POLICY}):
+            warm_up(policy)
+        for worker in range(first, jobs):
+            start(worker)
         if while_waiting is not None:
             while_waiting()
         busy = set(range(jobs))
