@@ -28,6 +28,7 @@ from vllm.distributed.async_eplb.simulation.report import (
     write_plot,
 )
 from vllm.distributed.async_eplb.simulation.runner import (
+    RebalanceTracker,
     SimConfig,
     output_digest,
     routed_balancedness,
@@ -139,6 +140,44 @@ def test_routed_balancedness_agrees_with_the_even_split_prediction():
     assert math.isclose(
         routed_balancedness(ids, maps.log2phy, maps.logcnt, 4), expected
     )
+
+
+class _Counters:
+    rebalances = skips = aborts = layers_committed = 0
+
+
+class _FakeEplb:
+    """What RebalanceTracker reads of an EplbState, set by the test per step."""
+
+    def __init__(self, is_async: bool) -> None:
+        self.is_async = is_async
+        self.counters = _Counters()
+        self.expert_rearrangement_step = 1
+
+
+def _in_flight(is_async: bool, steps: list[tuple[bool, bool]]) -> list[bool]:
+    """The tracker's answer per step, each step (started, ended) a rebalance."""
+    eplb = _FakeEplb(is_async)
+    tracker = RebalanceTracker(eplb)
+    answers = []
+    for started, ended in steps:
+        eplb.expert_rearrangement_step = 0 if started else 5
+        eplb.counters.rebalances += ended
+        answers.append(tracker.after_step())
+    return answers
+
+
+def test_back_to_back_async_rebalances_keep_every_step_in_flight():
+    # Starts at step 1, ends at 3 where the next starts (the interval had
+    # passed), which ends at 5; step 6 is steady.
+    steps = [(False, False), (True, False), (False, False), (True, True)]
+    steps += [(False, False), (False, True), (False, False)]
+    assert _in_flight(True, steps) == [False, True, True, True, True, True, False]
+
+
+def test_a_sync_rebalance_is_in_flight_during_its_own_step_only():
+    steps = [(False, False), (True, True), (False, False), (True, True)]
+    assert _in_flight(False, steps) == [False, True, False, True]
 
 
 def test_output_digest_is_exact_and_ignores_the_sign_of_zero():

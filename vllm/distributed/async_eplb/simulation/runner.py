@@ -47,7 +47,7 @@ from vllm.distributed.async_eplb.simulation.report import SimulationResult
 from vllm.distributed.async_eplb.simulation.toy_moe import ToyMoE
 from vllm.distributed.async_eplb.transports import TRANSPORT_NAMES
 
-__all__ = ["SimConfig", "run_rank"]
+__all__ = ["RebalanceTracker", "SimConfig", "run_rank"]
 
 MODES = ("async", "sync")
 LOADS = ("auto", "synthetic", "trace")
@@ -63,12 +63,13 @@ class SimConfig:
     layers: int | None = 4
     ranks: int = 4
     redundant: int = 16
-    # 160 steps (the trace's 259 windows stretched over them) and a rebalance
-    # every 20: both implementations run in about a minute on a quiet 2-core
-    # machine, each with 6-8 rebalances (docs/simulate.md says why).
-    steps: int = 160
-    step_interval: int = 20
-    window: int = 20
+    # 192 steps (the trace's 259 windows stretched over them), a rebalance
+    # every 32: both implementations run in about a minute on a quiet 2-core
+    # machine, 6 rebalances each, and ours (about 24 steps a rebalance) leaves
+    # steady steps between them (docs/simulate.md says why).
+    steps: int = 192
+    step_interval: int = 32
+    window: int = 32
     tokens: int = 128
     scale: float = 4e-3
     policy: str = "min_migration"
@@ -339,13 +340,16 @@ class _Progress:
             self._bar.close()
 
 
-class _RebalanceTracker:
+class RebalanceTracker:
     """Which steps a rebalance was in flight, from public EplbState state only.
 
     A rebalance starts at the step whose ``step()`` triggered ``rearrange()``
     (vLLM's ``expert_rearrangement_step`` is reset to 0 there) and ends at the
     step whose counters record its outcome: committed, skipped or aborted. A
-    sync rebalance starts and ends within one step.
+    sync rebalance starts and ends within one step. An async one that ends
+    when the interval has already passed is followed by the next in the same
+    step (the outcome is collected before the interval is checked): then the
+    rebalances run back to back, and every step is in flight.
     """
 
     def __init__(self, eplb: Any) -> None:
@@ -360,15 +364,15 @@ class _RebalanceTracker:
 
     def after_step(self) -> bool:
         """Call after each ``step()``: was a rebalance in flight during it?"""
-        was_in_flight = self._in_flight
-        if self._eplb.expert_rearrangement_step == 0:
-            if not self._in_flight:
-                self._committed_before = self._eplb.counters.layers_committed
-            self._in_flight = was_in_flight = True
+        started = self._eplb.expert_rearrangement_step == 0
         outcomes = self._count_outcomes()
-        if outcomes != self._outcomes:
-            self._outcomes = outcomes
-            self._in_flight = False
+        ended, self._outcomes = outcomes != self._outcomes, outcomes
+        was_in_flight = self._in_flight or started
+        if started:
+            self._committed_before = self._eplb.counters.layers_committed
+        self._in_flight = self._eplb.is_async and (
+            started or (self._in_flight and not ended)
+        )
         return was_in_flight
 
     def status(self) -> str:
@@ -566,7 +570,7 @@ def _loop(
     unmoved = (log2phy.to("cpu").clone(), logcnt.to("cpu").clone())
     previous = phy2log.to("cpu").clone()
     progress = _Progress(config.steps) if show_progress else None
-    tracker = _RebalanceTracker(eplb)
+    tracker = RebalanceTracker(eplb)
     series = record.data  # the step series live in the record
     digests: list[list[str]] = []
     expert_bytes = sum(t[0].nbytes for t in model.expert_weights[0])
