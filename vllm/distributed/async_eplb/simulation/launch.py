@@ -103,8 +103,8 @@ def compile_policy(config: SimConfig) -> float:
 def compiled_line(seconds: float) -> str:
     """Where the seconds before our run's first step go on a fresh clone."""
     return (
-        f"policy kernels (numba) ready in {seconds:.1f} s: compiled on a "
-        f"clone's first run, loaded from numba's cache after"
+        f"policy kernels (numba) ready in {seconds:.1f} s: loaded from numba's "
+        f"cache (scripts/setup_env.sh fills it), compiled when it is empty"
     )
 
 
