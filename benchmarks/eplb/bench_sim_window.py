@@ -32,7 +32,7 @@ CONFIGS = [
     ("qwen3-30b-a3b", 2, 2, 4, 256, 32, 32, 128),
     ("qwen3-30b-a3b", 2, 4, 4, 256, 32, 32, 128),
     ("qwen3-30b-a3b", 2, 8, 8, 256, 32, 32, 128),
-    ("deepseek-v2-lite", 4, 4, 16, 260, 32, 32, 128),  # the default run
+    ("deepseek-v2-lite", 4, 4, 16, 260, 32, 32, 128),  # the old default (now 192 steps)
 ]
 
 
