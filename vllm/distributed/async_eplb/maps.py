@@ -281,10 +281,18 @@ class ExpertMaps:
             )
         )
 
-    def commit_prepared(self, layer: int, prepared: LayerMaps) -> None:
-        """Write prepared maps into ``layer`` in place (same storage)."""
+    def prepared_copies(
+        self, layer: int, prepared: LayerMaps
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``layer``'s rows of the three maps (views, same storage) and
+        ``prepared``'s values for them: a commit copies the second into the
+        first. The staging worker makes them before the commit's step."""
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} is out of range [0, {self.num_layers})")
-        self.phy2log[layer].copy_(prepared.phy2log, non_blocking=True)
-        self.log2phy[layer].copy_(prepared.log2phy, non_blocking=True)
-        self.logcnt[layer].copy_(prepared.logcnt, non_blocking=True)
+        rows = [self.phy2log[layer], self.log2phy[layer], self.logcnt[layer]]
+        return rows, [prepared.phy2log, prepared.log2phy, prepared.logcnt]
+
+    def commit_prepared(self, layer: int, prepared: LayerMaps) -> None:
+        """Write prepared maps into ``layer`` in place (same storage)."""
+        rows, values = self.prepared_copies(layer, prepared)
+        torch._foreach_copy_(rows, values, non_blocking=True)

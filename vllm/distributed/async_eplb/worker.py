@@ -603,9 +603,7 @@ class StagingWorker:
         prepared, map_rows, map_values, dst, src = None, [], [], [], []
         if job.maps is not None:
             prepared = job.maps.prepare_layer(job.new_rows[layer])
-            maps = job.maps
-            map_rows = [maps.phy2log[layer], maps.log2phy[layer], maps.logcnt[layer]]
-            map_values = [prepared.phy2log, prepared.log2phy, prepared.logcnt]
+            map_rows, map_values = job.maps.prepared_copies(layer, prepared)
         changed = job.plans[layer].ranks[self.rank].changed_slots
         staging = self.buffer.slot(ring_slot)
         for d, s, n in slot_runs(changed, changed):
