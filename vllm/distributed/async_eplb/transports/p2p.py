@@ -271,15 +271,40 @@ def _wait_on_thread(
         target=run_then_signal, name="async-eplb-wait", daemon=True
     )
     waiter.start()
+    # ``ended`` is set once ``block`` has returned: no wait for the thread's
+    # own teardown, which a join waits for (tens of microseconds a layer).
+    _await_end(
+        ended,
+        failure,
+        peers,
+        should_abort,
+        deadline=deadline,
+        abandon=lambda: abandon([waiter]),
+    )
+
+
+def _await_end(
+    ended: threading.Event,
+    failure: list[BaseException],
+    peers: list[int],
+    should_abort: Callable[[], bool],
+    *,
+    deadline: float | None,
+    abandon: Callable[[], None],
+) -> None:
+    """Return once a waiter thread set ``ended``, raising what it failed with.
+
+    ``should_abort`` is checked every few milliseconds and ``deadline`` (when
+    given) enforced here; on either, ``abandon`` is called before the
+    ``TransferError`` is raised.
+    """
     try:
-        # Set once ``block`` has returned: no wait for the thread's own
-        # teardown, which a join waits for (tens of microseconds a layer).
         while not ended.wait(_ABORT_POLL_S):
             _raise_if_aborted(should_abort, peers)
             if deadline is not None and time.monotonic() > deadline:
                 raise TransferError(f"timed out waiting for ranks {peers}", peers)
     except TransferError:
-        abandon([waiter])
+        abandon()
         raise
     if failure:
         raise failure[0]
@@ -394,17 +419,16 @@ def wait_on_device(
     progress(everyone)
     ended, failure = (waiter or DeviceWaiter(backend)).submit(done)
     try:
-        while not ended.wait(_ABORT_POLL_S):
-            _raise_if_aborted(should_abort, everyone)
-            if time.monotonic() > deadline:
-                raise TransferError(f"timed out waiting for ranks {everyone}", everyone)
-    except TransferError:
-        abandon(list(works))
-        raise
+        _await_end(
+            ended,
+            failure,
+            everyone,
+            should_abort,
+            deadline=deadline,
+            abandon=lambda: abandon(list(works)),
+        )
     finally:
         progress(())
-    if failure:
-        raise failure[0]
 
 
 def wait_works(
