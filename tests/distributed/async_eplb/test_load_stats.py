@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vllm.distributed.async_eplb.load_stats import (
     LoadWindow,
@@ -120,3 +122,144 @@ def test_shape_mismatch_and_bad_geometry_are_rejected() -> None:
     window = LoadWindow(2, torch.zeros(1, 2, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="does not match"):
         window.record(torch.zeros(1, 3))
+
+
+def _reference_total(
+    history: list[tuple[torch.Tensor, torch.Tensor]], size: int, experts: int
+) -> np.ndarray:
+    """Plain numpy: fold each of the last ``size`` steps with its own map."""
+    layers = history[0][0].shape[0]
+    out = np.zeros((layers, experts), dtype=np.int64)
+    for load, placement in history[-size:]:
+        for layer in range(layers):
+            np.add.at(out[layer], placement[layer].numpy(), load[layer].numpy())
+    return out
+
+
+def _run_window(
+    seed: int,
+    size: int,
+    commits_before: list[int],
+    steps: int,
+    layers: int = 3,
+    slots: int = 8,
+    experts: int = 5,
+) -> tuple[LoadWindow, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Record ``steps`` random loads, committing a random map before each
+    step index in ``commits_before``; returns the window and its history."""
+    gen = torch.Generator().manual_seed(seed)
+    placement = torch.randint(experts, (layers, slots), generator=gen)
+    window = LoadWindow(size, placement, num_logical_experts=experts)
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for step in range(steps):
+        if step in commits_before:
+            placement = torch.randint(experts, (layers, slots), generator=gen)
+            window.placement_changed(placement)
+        load = torch.randint(0, 1000, (layers, slots), generator=gen)
+        window.record(load)
+        history.append((load, placement))
+    return window, history
+
+
+def _assert_matches_reference(
+    window: LoadWindow, history: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    total = window.total()
+    assert total.dtype == torch.int64
+    expected = _reference_total(history, window.window_size, window.num_logical_experts)
+    np.testing.assert_array_equal(total.numpy(), expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fold_with_several_commits_inside_the_window(seed: int) -> None:
+    # full window of 12, not wrapped: 4 versions in slot order
+    window, history = _run_window(seed, 12, commits_before=[3, 5, 9], steps=12)
+    assert len(window._runs()) == 4
+    _assert_matches_reference(window, history)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fold_of_a_wrapped_window_whose_run_crosses_the_wrap(seed: int) -> None:
+    # size 5, steps 0-2 under A (slots 0-2), steps 3-6 under B (slots 3, 4, 0,
+    # 1): B's steps are two runs, split by the wrap, around A's slot 2
+    window, history = _run_window(seed, 5, commits_before=[3], steps=7)
+    assert window._version_of_step == [1, 1, 0, 1, 1]
+    assert [n for _, n in window._runs()] == [2, 1, 2]
+    _assert_matches_reference(window, history)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fold_with_never_written_slots_beside_written_ones(seed: int) -> None:
+    # 6 of 10 slots written under 3 versions; slots 6-9 never written
+    window, history = _run_window(seed, 10, commits_before=[2, 4], steps=6)
+    assert window._version_of_step.count(-1) == 4
+    assert sum(n for _, n in window._runs()) == 10
+    _assert_matches_reference(window, history)
+
+
+@pytest.mark.parametrize("steps", [1, 5, 8, 19])  # part-filled, full, wrapped
+def test_fold_under_one_version_only(steps: int) -> None:
+    window, history = _run_window(steps, 8, commits_before=[], steps=steps)
+    assert len(window._runs()) == 1
+    _assert_matches_reference(window, history)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fold_keeps_each_layer_to_its_own_experts(seed: int) -> None:
+    # 4 layers, commits inside a wrapped window; every layer's maps differ
+    window, history = _run_window(
+        seed, 6, commits_before=[4, 7, 9], steps=11, layers=4, slots=6, experts=4
+    )
+    _assert_matches_reference(window, history)
+    per_layer = window.total().sum(dim=1)
+    loads = torch.stack([load for load, _ in history[-6:]]).sum(dim=(0, 2))
+    assert torch.equal(per_layer, loads)
+
+
+def _device_ops(fn) -> list[str]:
+    """The torch ops ``fn`` dispatches that run a kernel (views left out)."""
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        fn()
+    return count.ops
+
+
+@pytest.mark.parametrize("versions", [1, 2, 5])
+def test_total_is_three_device_ops_whatever_the_versions(versions: int) -> None:
+    commits = [3 * k for k in range(1, versions)]
+    window, history = _run_window(0, 16, commits_before=commits, steps=16)
+    assert len(window._runs()) == versions
+    ops = _device_ops(window.total)
+    if versions == 1:
+        assert ops == [
+            "aten.zeros.default",
+            "aten.sum.dim_IntList",
+            "aten.scatter_add_.default",
+        ]
+    else:
+        assert ops == [
+            "aten.zeros.default",
+            "aten.cat.default",
+            "aten.scatter_add_.default",
+        ]
+    _assert_matches_reference(window, history)
+
+
+def test_placement_changed_is_one_device_op_and_checks_the_shape() -> None:
+    window = LoadWindow(4, torch.tensor([[0, 1, 1]]), num_logical_experts=2)
+    assert (
+        len(_device_ops(lambda: window.placement_changed(torch.tensor([[1, 0, 1]]))))
+        == 1
+    )
+    with pytest.raises(ValueError, match=r"phy2log of shape \(1, 4\)"):
+        window.placement_changed(torch.tensor([[0, 1, 1, 0]]))

@@ -125,11 +125,13 @@ class LoadWindow:
         self._slots = self._steps.unbind(0)
         self._step_shape = phy2log.shape
         self._version_of_step = [-1] * window_size  # -1: slot never written
-        self._placements = {0: phy2log.detach().clone()}
+        # layer * E per layer, so a placement is kept as its flat index into
+        # the [L, E] result (layer * E + logical expert)
         self._layer_offsets = (
-            torch.arange(phy2log.shape[0], device=phy2log.device).view(1, -1, 1)
+            torch.arange(phy2log.shape[0], device=phy2log.device).view(-1, 1)
             * num_logical_experts
         )
+        self._placements = {0: self._flat_index(phy2log)}
         self._version = 0
         self._next = 0
         self.num_recorded = 0
@@ -148,8 +150,12 @@ class LoadWindow:
             dtype=torch.int64,
             device=self._steps.device,
         )
-        self._fold_one(scratch, self._placements[0])
-        self._fold_many(scratch, [0])
+        flat = self._placements[0]
+        self._fold_one(scratch, flat)
+        # two runs when the ring has room: the cat of several int64 inputs
+        size = self.window_size
+        runs = [(flat, 1), (flat, size - 1)] if size > 1 else [(flat, 1)]
+        self._fold_many(scratch, runs)
 
     @property
     def window_size(self) -> int:
@@ -175,57 +181,77 @@ class LoadWindow:
         self.num_recorded += 1
 
     def placement_changed(self, phy2log: torch.Tensor) -> None:
-        """Steps recorded from now on ran under ``phy2log`` (after a commit)."""
+        """Steps recorded from now on ran under ``phy2log`` (after a commit).
+
+        Runs on a commit step: one device op (the flat index)."""
+        if phy2log.shape != self._step_shape:
+            raise ValueError(
+                f"phy2log of shape {tuple(phy2log.shape)} does not match the "
+                f"window's {tuple(self._step_shape)}"
+            )
         in_use = set(self._version_of_step)
         self._placements = {v: m for v, m in self._placements.items() if v in in_use}
         self._version += 1
-        self._placements[self._version] = phy2log.detach().clone()
+        self._placements[self._version] = self._flat_index(phy2log)
+
+    def _flat_index(self, phy2log: torch.Tensor) -> torch.Tensor:
+        """``phy2log`` as an index into the flat ``[L * E]`` result (int64, a
+        new tensor: the caller's map may change in place later)."""
+        return phy2log.detach() + self._layer_offsets
 
     def total(self) -> torch.Tensor:
         """Logical load summed over the window, ``[L, E]`` int64.
 
-        A fixed handful of device ops whatever the number of placement
-        versions in the window (it runs on the engine's thread at each
-        rebalance; a fold per version grew with the commits inside the
-        window, ~0.15 ms each on an H200 host).
+        Three device ops at most whatever the number of placement versions in
+        the window (zeros, cat, scatter_add; one placement: zeros, sum,
+        scatter_add): it runs on the engine's thread at each rebalance, where
+        each small op costs ~0.05-0.1 ms on an H200 host.
         """
         num_layers = self._steps.shape[1]
-        device = self._steps.device
         out = torch.zeros(
-            num_layers, self.num_logical_experts, dtype=torch.int64, device=device
+            num_layers,
+            self.num_logical_experts,
+            dtype=torch.int64,
+            device=self._steps.device,
         )
-        recorded = [i for i, v in enumerate(self._version_of_step) if v != -1]
-        if recorded:
-            self._fold_into(out, recorded)
+        runs = self._runs()
+        if len(runs) == 1:
+            self._fold_one(out, runs[0][0])
+        elif runs:
+            self._fold_many(out, runs)
         return out
 
-    def _fold_into(self, out: torch.Tensor, recorded: list[int]) -> None:
-        """Add the window's steps, each under its own placement, to ``out``.
+    def _runs(self) -> list[tuple[torch.Tensor, int]]:
+        """``(flat index, length)`` of each run of consecutive slots (slot
+        order) recorded under one version; empty for an empty window.
 
-        A slot never written holds zeros, so the whole ring is folded (no
-        gather of the recorded rows) and such a slot may take any placement.
+        A slot never written holds zeros, so it joins the run before it (or,
+        leading the ring, the run after it): any placement folds it to zero.
         """
-        versions = sorted({self._version_of_step[i] for i in recorded})
-        if len(versions) == 1:
-            self._fold_one(out, self._placements[versions[0]])
-        else:
-            self._fold_many(out, versions)
+        written = [v for v in self._version_of_step if v != -1]
+        if not written:
+            return []
+        current = written[0]
+        lengths: list[list[int]] = []  # [version, length] per run
+        for version in self._version_of_step:
+            if version != -1:
+                current = version
+            if lengths and lengths[-1][0] == current:
+                lengths[-1][1] += 1
+            else:
+                lengths.append([current, 1])
+        return [(self._placements[v], n) for v, n in lengths]
 
-    def _fold_one(self, out: torch.Tensor, placement: torch.Tensor) -> None:
+    def _fold_one(self, out: torch.Tensor, flat: torch.Tensor) -> None:
         """One placement over the window (the usual case once a rebalance's
         commits have left it): sum the steps, then fold once; 2 device ops."""
-        out.scatter_add_(1, placement.to(torch.int64), self._steps.sum(dim=0))
+        out.view(-1).scatter_add_(0, flat.view(-1), self._steps.sum(dim=0).view(-1))
 
-    def _fold_many(self, out: torch.Tensor, versions: list[int]) -> None:
-        """Several placements: one flat scatter of every step and slot."""
-        index_of = {v: k for k, v in enumerate(versions)}
-        which = [index_of.get(v, 0) for v in self._version_of_step]
-        maps = torch.stack([self._placements[v] for v in versions])
-        # From pinned memory without waiting: a blocking copy would wait for
-        # the forward pass still queued on the device.
-        pinned = out.device.type != "cpu"
-        index = torch.tensor(which, pin_memory=pinned).to(out.device, non_blocking=True)
-        # flat index layer * E + logical expert, per step and slot
-        logical = maps.index_select(0, index).to(torch.int64)
-        logical += self._layer_offsets
-        out.view(-1).scatter_add_(0, logical.view(-1), self._steps.view(-1))
+    def _fold_many(
+        self, out: torch.Tensor, runs: list[tuple[torch.Tensor, int]]
+    ) -> None:
+        """Several placements: each run's flat index expanded over its slots
+        (views), one cat into a per-slot index, one flat scatter of every step
+        and slot; 2 device ops, no host tensor and no copy to the device."""
+        index = torch.cat([flat.expand(n, *flat.shape) for flat, n in runs])
+        out.view(-1).scatter_add_(0, index.view(-1), self._steps.view(-1))
