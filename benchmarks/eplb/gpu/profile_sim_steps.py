@@ -14,7 +14,8 @@ and in every rank process:
   (``StagingThread.pause``), Python's garbage collections (``gc.genN``, on
   whichever thread), the transport's job start
   (``prepare_job``), each layer's transfer (``stage_layer``), and the
-  planner (``plan_thread.compute_plans``);
+  planner (``plan_thread.compute_plans``) and its pauses between pieces
+  (``PlannerThread._pause``);
 - times, per step, the main-thread calls of the step's parts (votes,
   commits, load window), wall and CPU, without cProfile (``--timers-only``
   leaves cProfile out: on Python 3.12 it sees every thread's calls and slows
@@ -194,6 +195,7 @@ def _install(recorder: _Recorder) -> None:
         timed(worker.StagingThread, "pause")  # parked while a step runs
         timed(worker.StagingWorker, "commit_layer")
         timed(plan_thread, "compute_plans")  # what the planner thread runs
+        timed(plan_thread.PlannerThread, "_pause")  # parked while a step runs
         _log_gc(recorder)
         for sub in _transport_classes(Transport):
             for name in ("prepare_job", "stage_layer"):

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from vllm.distributed.async_eplb.rebalance_plan import mean_predicted, plan_rebalance
+from vllm.distributed.async_eplb.plan_thread import (
+    PlannerThread,
+    PlanRequest,
+    compute_plans,
+)
+from vllm.distributed.async_eplb.rebalance_algo import rebalance_experts
+from vllm.distributed.async_eplb.rebalance_plan import (
+    LAYERS_PER_PIECE,
+    mean_predicted,
+    plan_rebalance,
+)
+from vllm.distributed.async_eplb.step_gate import StepGate
 
 LAYERS, EXPERTS, REDUNDANT, RANKS = 3, 8, 4, 4
 
@@ -68,3 +81,65 @@ def test_unknown_policy_is_named() -> None:
             ranks_per_node=4,
             policy="no_such_policy",
         )
+
+
+def _skewed(num_layers: int, experts: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(num_layers, experts, generator=generator) ** 4 * 1e4).round()
+
+
+@pytest.mark.parametrize(
+    "policy", ["default", "balanced", "balanced_spill", "min_migration"]
+)
+def test_pieces_place_as_one_call_would(policy: str) -> None:
+    """Planned in pieces of LAYERS_PER_PIECE layers (issue 13), the placement
+    is the policy's whole-model placement, over several pieces and a partial one."""
+    num_layers, experts, slots, ranks = 2 * LAYERS_PER_PIECE + 3, 32, 40, 8
+    old = rebalance_experts(torch.ones(num_layers, experts), slots, 4, 2, ranks)
+    for seed in range(3):
+        load = _skewed(num_layers, experts, seed)
+        whole = rebalance_experts(load, slots, 4, 2, ranks, old, policy=policy)
+        planned = plan_rebalance(
+            old, load, num_groups=4, num_ranks=ranks, ranks_per_node=4, policy=policy
+        )
+        assert torch.equal(planned.new_phy2log, torch.as_tensor(whole).view(old.shape))
+
+
+def test_pause_runs_before_every_piece() -> None:
+    num_layers = LAYERS_PER_PIECE + 1
+    old = _initial()[:1].expand(num_layers, -1).clone()
+    calls = []
+    plan_rebalance(
+        old,
+        _skewed(num_layers, EXPERTS, 0),
+        num_groups=1,
+        num_ranks=RANKS,
+        ranks_per_node=2,
+        policy="default",
+        pause=lambda: calls.append(1),
+    )
+    # 2 policy pieces, one per layer's transfer plan, 2 balancedness figures
+    assert len(calls) == 2 + num_layers + 2
+
+
+def test_planner_thread_waits_out_a_step_in_progress() -> None:
+    """While the gate is closed (a step runs) the planner parks; it finishes
+    once the step ends, with the plan it would have made anyway."""
+    old = _initial()
+    load = _skewed(LAYERS, EXPERTS, 1)
+    request = PlanRequest.of(
+        [old], [load], [1], num_ranks=RANKS, ranks_per_node=2, policy="default"
+    )
+    gate = StepGate(max_wait_s=30.0)
+    planner = PlannerThread("test-plan", gate=gate)
+    try:
+        gate.close()
+        future = planner.submit(request)
+        time.sleep(0.3)
+        assert not future.done()
+        gate.open()
+        (planned,) = future.result(timeout=30)
+    finally:
+        planner.stop(timeout=5)
+    (expected,) = compute_plans(request)
+    assert torch.equal(planned.new_phy2log, expected.new_phy2log)

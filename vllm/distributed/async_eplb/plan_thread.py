@@ -9,6 +9,8 @@ returns :class:`PlannedRebalance` objects and touches no other state.
 finishes cannot be interrupted (it is CPU work inside a policy), so the caller
 abandons the thread past its deadline and the next request gets a fresh one;
 being a daemon, the abandoned thread cannot hold up the process's exit.
+Between pieces of planning the thread passes the engine's step gate
+(``step_gate.py``): it runs beside the forward pass, not inside a step.
 """
 
 from __future__ import annotations
@@ -17,11 +19,17 @@ import concurrent.futures
 import itertools
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from vllm.distributed.async_eplb.rebalance_plan import PlannedRebalance, plan_rebalance
+from vllm.distributed.async_eplb.rebalance_plan import (
+    PlannedRebalance,
+    hand_back_gil,
+    plan_rebalance,
+)
+from vllm.distributed.async_eplb.step_gate import StepGate
 
 __all__ = ["ModelPlanInput", "PlanRequest", "PlannerThread", "compute_plans"]
 
@@ -63,8 +71,11 @@ class PlanRequest:
         return cls(models, num_ranks, ranks_per_node, policy)
 
 
-def compute_plans(request: PlanRequest) -> list[PlannedRebalance]:
-    """Placement, predicted gain and transfer plans of every model (pure)."""
+def compute_plans(
+    request: PlanRequest, pause: Callable[[], None] = hand_back_gil
+) -> list[PlannedRebalance]:
+    """Placement, predicted gain and transfer plans of every model (pure;
+    ``pause`` runs between pieces, see ``plan_rebalance``)."""
     return [
         plan_rebalance(
             model.old_phy2log,
@@ -73,6 +84,7 @@ def compute_plans(request: PlanRequest) -> list[PlannedRebalance]:
             num_ranks=request.num_ranks,
             ranks_per_node=request.ranks_per_node,
             policy=request.policy,
+            pause=pause,
         )
         for model in request.models
     ]
@@ -86,8 +98,10 @@ class PlannerThread:
 
     _ids = itertools.count()
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, gate: StepGate | None = None) -> None:
         self.name = name
+        self.gate = gate
+        """The engine's step gate: planning parks there between pieces."""
         self.abandoned = 0
         """Threads given up on (each may still be inside a request)."""
         self._thread: threading.Thread | None = None
@@ -98,12 +112,19 @@ class PlannerThread:
         self._queue = queue.SimpleQueue()
         thread = threading.Thread(
             target=_serve,
-            args=(self._queue,),
+            args=(self._queue, self._pause),
             name=f"{self.name}-{next(self._ids)}",
             daemon=True,
         )
         thread.start()
         self._thread = thread
+
+    def _pause(self) -> None:
+        """Between pieces of planning: wait out a step in progress, then hand
+        the GIL to whoever waits for it."""
+        if self.gate is not None:
+            self.gate.wait()
+        hand_back_gil()
 
     def submit(self, request: PlanRequest) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -126,7 +147,7 @@ class PlannerThread:
             self._thread.join(timeout)
 
 
-def _serve(requests: queue.SimpleQueue[_Item]) -> None:
+def _serve(requests: queue.SimpleQueue[_Item], pause: Callable[[], None]) -> None:
     while True:
         item = requests.get()
         if item is None:
@@ -135,6 +156,6 @@ def _serve(requests: queue.SimpleQueue[_Item]) -> None:
         if not future.set_running_or_notify_cancel():
             continue
         try:
-            future.set_result(compute_plans(request))
+            future.set_result(compute_plans(request, pause))
         except BaseException as exc:  # handed to the main thread
             future.set_exception(exc)

@@ -62,7 +62,7 @@ class RoundDriver:
         self.fleet = fleet
         self.round = rnd
         self._clock = clock  # the façade's step counter
-        self.planner = PlannerThread("async-eplb-plan")
+        self.planner = PlannerThread("async-eplb-plan", gate=fleet.gate)
         self._plan_future: concurrent.futures.Future | None = None
         # (loads, placements) of a load vote read this step: planned after it
         self._plan_loads: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None

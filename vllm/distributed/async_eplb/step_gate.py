@@ -6,13 +6,13 @@ blocks or until CPython's switch interval (5 ms unless the user changed it)
 forces it off, and the step waits that long: on the H200 host such steps
 waited 1-4 ms with a few tenths of a millisecond of their own work.
 
-The engine closes the gate for the length of its step; the staging thread
-passes it before each piece of Python work, and parks there (GIL released)
-while a step runs. A step then waits at most for the piece already in
-progress. The wait is bounded, so a step that blocks (a late vote) does not
-hold the staging thread up for longer than ``max_wait_s``. The planner does
-not pass the gate: ``EplbState.step()`` hands it its work as its last
-statement, so it starts once the step is over.
+The engine closes the gate for the length of its step; the staging and
+planner threads pass it before each piece of Python work, and park there (GIL
+released) while a step runs. A step then waits at most for the piece already
+in progress. The wait is bounded, so a step that blocks (a late vote) does
+not hold a thread up for longer than ``max_wait_s``. ``EplbState.step()``
+wakes both threads as its last statements, so new work starts once the step
+is over; a plan longer than a forward pass goes on beside the next ones.
 """
 
 from __future__ import annotations

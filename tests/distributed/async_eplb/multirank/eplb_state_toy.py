@@ -100,11 +100,11 @@ def main() -> None:
         original = plan_thread.compute_plans
         calls = {"n": 0}
 
-        def failing(request):
+        def failing(request, *args):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise RuntimeError("injected placement failure")
-            return original(request)
+            return original(request, *args)
 
         plan_thread.compute_plans = failing  # what the planner thread runs
 

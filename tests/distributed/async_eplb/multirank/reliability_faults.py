@@ -233,11 +233,11 @@ def stall_planner_once(on_rank: int) -> None:
     real = plan_thread.compute_plans
     calls = {"n": 0}
 
-    def slow(request: Any) -> Any:
+    def slow(request: Any, *args: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
             time.sleep(2.5 * TIMEOUT_S)
-        return real(request)
+        return real(request, *args)
 
     plan_thread.compute_plans = slow
 
