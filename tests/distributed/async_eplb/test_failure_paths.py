@@ -245,3 +245,24 @@ def test_a_timed_out_vote_fails_once_then_never_waits(monkeypatch) -> None:
     assert not vote.may_launch(4, "ready")
     vote.drain()
     assert time.perf_counter() - start < TIMEOUT_S / 2
+
+
+def test_a_round_never_begins_in_the_step_that_ended_the_last(state) -> None:
+    """Rounds last longer than the interval here (4 steps), so they run back
+    to back: the next one begins a step after the last one's end, never in
+    the same step (its window sum would land on the step of the last commit)."""
+    c, rnd = state.counters, state._round
+    ended_steps, begun_steps = [], []
+    for step in range(120):
+        ended, epoch = c.rebalances + c.skips + c.aborts, rnd.epoch
+        _step(state, pause=0.01)
+        if c.rebalances + c.skips + c.aborts > ended:
+            ended_steps.append(step)
+        if rnd.epoch > epoch:
+            begun_steps.append(step)
+        if len(ended_steps) >= 3:
+            break
+    assert len(ended_steps) >= 3 and c.rebalances >= 1, (ended_steps, c.aborts)
+    assert not set(ended_steps) & set(begun_steps), (ended_steps, begun_steps)
+    # back to back: each later round begins the step after the previous end
+    assert all(step + 1 in begun_steps for step in ended_steps[:-1])

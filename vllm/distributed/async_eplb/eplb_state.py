@@ -317,9 +317,15 @@ class EplbState:
         self.step_count += 1
         self.expert_rearrangement_step += 1
         driver = self._driver
+        ended_now = False
         if self.is_async and driver is not None:
+            in_flight = self._round.in_flight
             driver.collect()
-        if self.expert_rearrangement_step >= self.expert_rearrangement_step_interval:
+            # A round that ends here (its last commit) leaves the next round's
+            # window sum to the next step: the two never share one.
+            ended_now = in_flight and not self._round.in_flight
+        due = self.expert_rearrangement_step >= self.expert_rearrangement_step_interval
+        if due and not ended_now:
             self._interval_due()
         if driver is None:
             return  # no model yet
