@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import os
 import time
@@ -553,11 +554,21 @@ def _process_group(
         dist.destroy_process_group()
 
 
+def _freeze_heap() -> None:
+    """After start-up, as vLLM's GPU worker does once its warm-up is over:
+    collect, then freeze what is left, so that later collections do not scan
+    the model, the EPLB state and their tensors (a generation-1 collection
+    took about 3.4 ms on a rank's thread here otherwise)."""
+    gc.collect()
+    gc.freeze()
+
+
 def _loop(
     record: RankRecord, config: SimConfig, device: torch.device, show_progress: bool
 ) -> SimulationResult | None:
     rank = record.data["rank"]
     model, eplb, model_config = _build(config, rank, device)
+    _freeze_heap()
     record.data["phase"] = "decoding"
     _note(record, eplb, force=True)
     load = config.make_load()
