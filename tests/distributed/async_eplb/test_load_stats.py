@@ -263,3 +263,32 @@ def test_placement_changed_is_one_device_op_and_checks_the_shape() -> None:
     )
     with pytest.raises(ValueError, match=r"phy2log of shape \(1, 4\)"):
         window.placement_changed(torch.tensor([[0, 1, 1, 0]]))
+
+
+def test_start_up_launches_the_folds_ops_and_both_cat_paths() -> None:
+    """CUDA loads a kernel at its first launch (tens of ms on an H200 host):
+    the window launches what total() uses at start-up, cat with all inputs
+    contiguous (CUDA's batched kernel) and with an expanded one (a copy per
+    input)."""
+
+    class Seen(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: set[str] = set()
+            self.cat_inputs_contiguous: set[bool] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            if func is torch.ops.aten.cat.default:
+                contiguous = all(t.is_contiguous() for t in args[0])
+                self.cat_inputs_contiguous.add(contiguous)
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        LoadWindow(4, torch.tensor([[0, 1, 1], [1, 0, 1]]), num_logical_experts=2)
+    window, _ = _run_window(0, 4, commits_before=[2], steps=4)
+    used = set(_device_ops(window.total))
+    window, _ = _run_window(0, 4, commits_before=[], steps=4)
+    used |= set(_device_ops(window.total))
+    assert used <= seen.ops
+    assert seen.cat_inputs_contiguous == {True, False}

@@ -8,6 +8,8 @@ vLLM does) would credit tokens to the wrong experts after a partial rebalance.
 
 from __future__ import annotations
 
+from itertools import groupby
+
 import torch
 
 from vllm.distributed.async_eplb.rebalance_algo.quality import rank_loads
@@ -152,10 +154,13 @@ class LoadWindow:
         )
         flat = self._placements[0]
         self._fold_one(scratch, flat)
-        # two runs when the ring has room: the cat of several int64 inputs
         size = self.window_size
-        runs = [(flat, 1), (flat, size - 1)] if size > 1 else [(flat, 1)]
-        self._fold_many(scratch, runs)
+        if size > 1:  # one slot never holds two versions
+            # CUDA's cat has two paths: a batched kernel when every input is
+            # contiguous (every run one slot long) and a copy per input when
+            # one is not (a longer run's expanded index); launch both
+            self._fold_many(scratch, [(flat, 1)] * size)
+            self._fold_many(scratch, [(flat, 1), (flat, size - 1)])
 
     @property
     def window_size(self) -> int:
@@ -214,33 +219,29 @@ class LoadWindow:
             dtype=torch.int64,
             device=self._steps.device,
         )
-        runs = self._runs()
-        if len(runs) == 1:
-            self._fold_one(out, runs[0][0])
-        elif runs:
-            self._fold_many(out, runs)
+        written = set(self._version_of_step)
+        written.discard(-1)
+        if len(written) == 1:
+            self._fold_one(out, self._placements[written.pop()])
+        elif written:
+            self._fold_many(out, self._runs())
         return out
 
     def _runs(self) -> list[tuple[torch.Tensor, int]]:
         """``(flat index, length)`` of each run of consecutive slots (slot
-        order) recorded under one version; empty for an empty window.
+        order) recorded under one version, for a window with a step in it.
 
-        A slot never written holds zeros, so it joins the run before it (or,
-        leading the ring, the run after it): any placement folds it to zero.
+        The ring fills from slot 0, so never-written slots are its tail; they
+        hold zeros and join the last run (any placement folds them to zero).
         """
-        written = [v for v in self._version_of_step if v != -1]
-        if not written:
-            return []
-        current = written[0]
-        lengths: list[list[int]] = []  # [version, length] per run
-        for version in self._version_of_step:
-            if version != -1:
-                current = version
-            if lengths and lengths[-1][0] == current:
-                lengths[-1][1] += 1
+        runs: list[list[int]] = []  # [version, length]
+        for version, slots in groupby(self._version_of_step):
+            length = len(list(slots))
+            if version == -1:
+                runs[-1][1] += length
             else:
-                lengths.append([current, 1])
-        return [(self._placements[v], n) for v, n in lengths]
+                runs.append([version, length])
+        return [(self._placements[v], n) for v, n in runs]
 
     def _fold_one(self, out: torch.Tensor, flat: torch.Tensor) -> None:
         """One placement over the window (the usual case once a rebalance's
