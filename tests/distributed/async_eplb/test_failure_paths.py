@@ -266,3 +266,19 @@ def test_a_round_never_begins_in_the_step_that_ended_the_last(state) -> None:
     assert not set(ended_steps) & set(begun_steps), (ended_steps, begun_steps)
     # back to back: each later round begins the step after the previous end
     assert all(step + 1 in begun_steps for step in ended_steps[:-1])
+
+
+def test_the_step_wakes_planner_and_staging_before_its_gate_opens(
+    state, monkeypatch
+) -> None:
+    """Woken with the gate closed, both threads park until the step is over
+    (woken after it opened, a planner took the GIL from the step's end)."""
+    seen = []
+    driver, fleet, gate = state._driver, state._fleet, state._gate
+    monkeypatch.setattr(
+        driver, "start_planning", lambda: seen.append(("plan", gate.is_open))
+    )
+    monkeypatch.setattr(fleet, "wake", lambda: seen.append(("wake", gate.is_open)))
+    _step(state)
+    assert seen == [("plan", False), ("wake", False)]
+    assert gate.is_open

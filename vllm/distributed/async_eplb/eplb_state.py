@@ -288,14 +288,16 @@ class EplbState:
         self._gate.close()
         try:
             self._step(is_dummy, is_profile, log_stats)
+            if self._driver is not None:
+                # Last, and with the gate still closed: the threads woken here
+                # park at it until the step is over (on the H200s a planner
+                # woken after the gate opened took the GIL from the rest of
+                # the step: 2.6 ms). Staging resumes after this step's commits;
+                # planning starts from a load vote read in this step.
+                self._driver.start_planning()
+                self._fleet.wake()
         finally:
             self._gate.open()
-        if self._driver is not None:
-            # Last, so that the threads woken here start once the step is
-            # over: staging resumes after this step's commits, and planning
-            # starts from a load vote read in this step.
-            self._fleet.wake()
-            self._driver.start_planning()
 
     def _step(self, is_dummy: bool, is_profile: bool, log_stats: bool) -> None:
         self.replica_check.poll()  # commit digests the device has finished

@@ -68,6 +68,7 @@ def plan_rebalance(
     whole plan is 100 ms). Every policy places each layer on its own, so the
     pieces' placement is the one a single call would give.
     """
+    pause()  # the first piece's copies included: nothing runs inside a step
     old = old_phy2log.to("cpu")
     num_layers = old.shape[0]
     num_nodes = max(1, num_ranks // ranks_per_node)
@@ -75,7 +76,8 @@ def plan_rebalance(
     pieces = []
     # (at least one call: a model without layers still meets the validation)
     for first in range(0, max(num_layers, 1), LAYERS_PER_PIECE):
-        pause()
+        if first:
+            pause()
         rows = slice(first, first + LAYERS_PER_PIECE)
         placed = rebalance_experts(
             weight[rows],

@@ -11,8 +11,9 @@ planner threads pass it before each piece of Python work, and park there (GIL
 released) while a step runs. A step then waits at most for the piece already
 in progress. The wait is bounded, so a step that blocks (a late vote) does
 not hold a thread up for longer than ``max_wait_s``. ``EplbState.step()``
-wakes both threads as its last statements, so new work starts once the step
-is over; a plan longer than a forward pass goes on beside the next ones.
+wakes both threads as its last statements, before it opens the gate, so new
+work starts once the step is over; a plan longer than a forward pass goes on
+beside the next ones.
 """
 
 from __future__ import annotations
