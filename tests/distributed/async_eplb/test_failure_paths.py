@@ -282,3 +282,31 @@ def test_the_step_wakes_planner_and_staging_before_its_gate_opens(
     _step(state)
     assert seen == [("plan", False), ("wake", False)]
     assert gate.is_open
+
+
+def test_no_ready_vote_is_launched_in_the_step_that_read_the_load_vote(
+    state, monkeypatch
+) -> None:
+    """Its plan starts only after that step: the vote could not say
+    "planned", and the step already reads a vote and makes the request."""
+    from vllm.distributed.async_eplb.rebalance_round import RoundState
+
+    vote, rnd = state._parts.vote, state._round
+    launched: list[tuple[int, str]] = []
+    real_launch = vote.launch
+
+    def launch(step, kind, *args, **kwargs):
+        launched.append((step, kind))
+        return real_launch(step, kind, *args, **kwargs)
+
+    monkeypatch.setattr(vote, "launch", launch)
+    read_steps = []
+    for _ in range(60):
+        before = rnd.state
+        _step(state, pause=0.005)
+        if before is RoundState.AGGREGATING and rnd.state is not before:
+            read_steps.append(state._driver._clock())
+    ready_steps = {step for step, kind in launched if kind == "ready"}
+    assert len(read_steps) >= 3 and ready_steps, (read_steps, launched)
+    assert not ready_steps & set(read_steps), (read_steps, sorted(ready_steps))
+    assert state.counters.rebalances + state.counters.skips >= 2

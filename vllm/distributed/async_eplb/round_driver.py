@@ -159,8 +159,13 @@ class RoundDriver:
         if self._load_copy is not None:
             self._launch_load_vote()
         elif r.state in _VOTING:
-            # One ready vote in flight, launched a few steps after the last read.
-            if self.parts.vote.may_launch(self._clock(), "ready"):
+            # One ready vote in flight, launched a few steps after the last
+            # read; none in the step that read the load vote (its plan starts
+            # only after the step, so that vote could not say "planned", and
+            # the step already carries the read and the planner's request).
+            if self._plan_loads is None and self.parts.vote.may_launch(
+                self._clock(), "ready"
+            ):
                 self._launch_ready_vote()
         elif r.state is RoundState.RECOVERING:
             self.launch("recover", [int(self.fleet.stopped())], r.epoch)
