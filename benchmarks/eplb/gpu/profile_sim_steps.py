@@ -16,6 +16,8 @@ and in every rank process:
   (``prepare_job``), each layer's transfer (``stage_layer``), and the
   planner (``plan_thread.compute_plans``) and its pauses between pieces
   (``PlannerThread._pause``);
+- counts, per step, the main thread's context switches (voluntary: it
+  blocked on the GIL, a lock or a wait; involuntary: the OS preempted it);
 - times, per step, the main-thread calls of the step's parts (votes,
   commits, load window), wall and CPU, without cProfile (``--timers-only``
   leaves cProfile out: on Python 3.12 it sees every thread's calls and slows
@@ -45,6 +47,7 @@ import gc
 import json
 import os
 import pstats
+import resource
 import sys
 import threading
 import time
@@ -141,6 +144,7 @@ def _install(recorder: _Recorder) -> None:
         quiet = recorder.modes & {"timers-only", "plain"}
         profile = None if quiet else cProfile.Profile()
         recorder.parts = {}
+        switches0 = _thread_switches()
         cpu0, t0 = time.thread_time(), time.perf_counter()
         if profile is not None:
             profile.enable()
@@ -150,6 +154,7 @@ def _install(recorder: _Recorder) -> None:
             if profile is not None:
                 profile.disable()
             t1, cpu1 = time.perf_counter(), time.thread_time()
+            switches1 = _thread_switches()
             index = step_index[0]
             step_index[0] += 1
             record = {
@@ -158,6 +163,9 @@ def _install(recorder: _Recorder) -> None:
                 "end": t1,
                 "wall_ms": 1e3 * (t1 - t0),
                 "cpu_ms": 1e3 * (cpu1 - cpu0),
+                # the main thread's context switches in the step: voluntary
+                # (it blocked: the GIL, a lock, a wait), involuntary (preempted)
+                "switches": [b - a for a, b in zip(switches0, switches1, strict=True)],
                 "phase": str(getattr(self, "_phase", "")),
                 "parts": {k: [1e3 * v for v in wc] for k, wc in recorder.parts.items()},
             }
@@ -215,6 +223,12 @@ def _install(recorder: _Recorder) -> None:
 
 
 _PKG = "vllm.distributed.async_eplb"
+
+
+def _thread_switches() -> tuple[int, int]:
+    """The calling thread's (voluntary, involuntary) context switches so far."""
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    return usage.ru_nvcsw, usage.ru_nivcsw
 
 
 def _log_gc(recorder: _Recorder) -> None:
@@ -320,7 +334,8 @@ def _summarize(out_dir: Path) -> None:
         for slow in sorted(data["slow"], key=lambda s: -s["wall_ms"])[:8]:
             print(
                 f"step {slow['step']} ({slow['phase']}): wall {slow['wall_ms']:.2f} ms,"
-                f" main-thread cpu {slow['cpu_ms']:.2f} ms"
+                f" main-thread cpu {slow['cpu_ms']:.2f} ms,"
+                f" context switches voluntary/involuntary {slow['switches']}"
             )
             parts = sorted(slow["parts"].items(), key=lambda kv: -kv[1][0])
             print(
