@@ -554,11 +554,20 @@ def _process_group(
         dist.destroy_process_group()
 
 
-def _freeze_heap() -> None:
-    """After start-up, as vLLM's GPU worker does once its warm-up is over:
-    collect, then freeze what is left, so that later collections do not scan
-    the model, the EPLB state and their tensors (a generation-1 collection
-    took about 3.4 ms on a rank's thread here otherwise)."""
+def _settle_for_serving(device: torch.device) -> None:
+    """What vLLM's GPU worker does once its start-up is over, before serving.
+
+    On a GPU, one torch CPU thread (vLLM 0.33's ``set_torch_threads_for_runtime``):
+    OMP workers left spinning after a parallel region take cycles from the
+    step's serial code (on the H200s, slow steps of the simulated deployment
+    were ones where the engine thread was preempted). On the CPU the toy
+    model computes on the host and keeps its share of the cores. Then collect
+    and freeze the heap (vLLM's ``freeze_gc_heap``), so that later collections
+    do not scan the model, the EPLB state and their tensors (a generation-1
+    collection took about 3.4 ms on a rank's thread otherwise).
+    """
+    if device.type != "cpu":
+        torch.set_num_threads(1)
     gc.collect()
     gc.freeze()
 
@@ -568,7 +577,7 @@ def _loop(
 ) -> SimulationResult | None:
     rank = record.data["rank"]
     model, eplb, model_config = _build(config, rank, device)
-    _freeze_heap()
+    _settle_for_serving(device)
     record.data["phase"] = "decoding"
     _note(record, eplb, force=True)
     load = config.make_load()
