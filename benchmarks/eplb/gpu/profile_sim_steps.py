@@ -72,6 +72,8 @@ _PARTS = [
     ("agreement", "NonBlockingVote", "launch"),
     ("agreement", "NonBlockingVote", "collect"),
     ("maps", "ExpertMaps", "commit_prepared"),
+    ("device", "DeviceBackend", "wait_event"),
+    ("device", "DeviceBackend", "record_event"),
 ]
 
 
@@ -131,6 +133,8 @@ def _top_calls(profile: cProfile.Profile, n: int = 14) -> list[dict[str, Any]]:
 
 def _install(recorder: _Recorder) -> None:
     """Wrap the methods whose timing we want (this process only)."""
+    import torch
+
     from vllm.distributed.async_eplb import eplb_state, plan_thread, worker
     from vllm.distributed.async_eplb.transports import Transport
 
@@ -198,6 +202,9 @@ def _install(recorder: _Recorder) -> None:
         for module, cls_name, name in _PARTS:
             cls = getattr(importlib.import_module(f"{_PKG}.{module}"), cls_name)
             _time_part(recorder, cls, name)
+        # the commit's copies: the weight runs, and every fused copy (maps too)
+        _time_part(recorder, worker, "copy_rows")
+        _time_part(recorder, torch, "_foreach_copy_")
         timed(worker.StagingWorker, "_stage")
         timed(worker.StagingWorker, "_commit_kit")  # staging thread, per layer
         timed(worker.StagingThread, "pause")  # parked while a step runs
