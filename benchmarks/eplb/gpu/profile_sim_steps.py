@@ -22,7 +22,11 @@ and in every rank process:
   commits, load window), wall and CPU, without cProfile (``--timers-only``
   leaves cProfile out: on Python 3.12 it sees every thread's calls and slows
   them all); ``--plain`` keeps only each step's wall and CPU time (for
-  figures: no profiler, no timers).
+  figures: no profiler, no timers); ``--trace-commits`` records, in place of
+  the timers, every call the main thread makes inside a commit
+  (``RoundDriver._commit_ready``, through ``sys.setprofile``: C calls
+  included), so the summary names what a slow commit spends its time in
+  (each call's self time, the profiler's own cost spread over all of them).
 
 ``--switch-interval-ms X`` sets Python's GIL switch interval in the ranks.
 ``--gpu-forward-ms X`` makes each decode step a decode-sized stand-in: after
@@ -74,6 +78,8 @@ _PARTS = [
     ("maps", "ExpertMaps", "commit_prepared"),
     ("device", "DeviceBackend", "wait_event"),
     ("device", "DeviceBackend", "record_event"),
+    ("round_driver", "RoundDriver", "_finish_rebalance"),
+    ("load_stats", "LoadWindow", "placement_changed"),
 ]
 
 
@@ -88,6 +94,7 @@ class _Recorder:
         self.steps: list[dict[str, Any]] = []
         self.slow: list[dict[str, Any]] = []
         self.intervals: list[dict[str, Any]] = []
+        self.commit_traces: list[dict[str, Any]] = []
         self.lock = threading.Lock()
 
     def interval(self, name: str, start: float, end: float, **extra: Any) -> None:
@@ -107,7 +114,12 @@ class _Recorder:
         path = self.out_dir / f"profile_rank{rank}.json"
         path.write_text(
             json.dumps(
-                {"steps": self.steps, "slow": self.slow, "intervals": self.intervals}
+                {
+                    "steps": self.steps,
+                    "slow": self.slow,
+                    "intervals": self.intervals,
+                    "commit_traces": self.commit_traces,
+                }
             )
         )
 
@@ -145,7 +157,7 @@ def _install(recorder: _Recorder) -> None:
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("is_profile") or (len(args) > 1 and args[1]):
             return original_step(self, *args, **kwargs)
-        quiet = recorder.modes & {"timers-only", "plain"}
+        quiet = recorder.modes & {"timers-only", "plain", "trace-commits"}
         profile = None if quiet else cProfile.Profile()
         recorder.parts = {}
         switches0 = _thread_switches()
@@ -198,13 +210,15 @@ def _install(recorder: _Recorder) -> None:
 
     import importlib
 
-    if "plain" not in recorder.modes:
+    tracing = "trace-commits" in recorder.modes  # the traces replace the timers
+    if "plain" not in recorder.modes and not tracing:
         for module, cls_name, name in _PARTS:
             cls = getattr(importlib.import_module(f"{_PKG}.{module}"), cls_name)
             _time_part(recorder, cls, name)
         # the commit's copies: the weight runs, and every fused copy (maps too)
         _time_part(recorder, worker, "copy_rows")
         _time_part(recorder, torch, "_foreach_copy_")
+    if "plain" not in recorder.modes:
         timed(worker.StagingWorker, "_stage")
         timed(worker.StagingWorker, "_commit_kit")  # staging thread, per layer
         timed(worker.StagingThread, "pause")  # parked while a step runs
@@ -212,6 +226,10 @@ def _install(recorder: _Recorder) -> None:
         timed(plan_thread, "compute_plans")  # what the planner thread runs
         timed(plan_thread.PlannerThread, "_pause")  # parked while a step runs
         _log_gc(recorder)
+        if tracing:
+            from vllm.distributed.async_eplb import round_driver
+
+            _trace_calls(recorder, round_driver.RoundDriver, "_commit_ready")
         for sub in _transport_classes(Transport):
             for name in ("prepare_job", "stage_layer"):
                 if name in vars(sub):
@@ -302,6 +320,58 @@ def _time_part(recorder: _Recorder, cls: Any, name: str) -> None:
     setattr(cls, name, wrapper)
 
 
+def _call_name(frame: Any, event: str, arg: Any) -> str:
+    if event.startswith("c_"):
+        owner = getattr(arg, "__self__", None)
+        prefix = "" if owner is None else f"{type(owner).__name__}."
+        return f"{prefix}{getattr(arg, '__name__', repr(arg))}"
+    code = frame.f_code
+    return f"{Path(code.co_filename).name}:{code.co_qualname}"
+
+
+def _trace_calls(recorder: _Recorder, cls: Any, name: str) -> None:
+    """Record each main-thread call of this method with the self time of
+    every call it makes (Python and C), from ``sys.setprofile``."""
+    original = getattr(cls, name)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return original(*args, **kwargs)
+        self_s: dict[str, list[float]] = {}  # name -> [count, self seconds]
+        stack: list[list[Any]] = []  # [name, start, time in children]
+
+        def profiler(frame: Any, event: str, arg: Any) -> None:
+            now = time.perf_counter()
+            if event in ("call", "c_call"):
+                stack.append([_call_name(frame, event, arg), now, 0.0])
+            elif stack:  # return, c_return, c_exception
+                called, start, children = stack.pop()
+                spent = now - start
+                entry = self_s.setdefault(called, [0, 0.0])
+                entry[0] += 1
+                entry[1] += spent - children
+                if stack:
+                    stack[-1][2] += spent
+
+        t0 = time.perf_counter()
+        sys.setprofile(profiler)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            sys.setprofile(None)
+            t1 = time.perf_counter()
+            recorder.commit_traces.append(
+                {
+                    "start": t0,
+                    "wall_ms": 1e3 * (t1 - t0),
+                    "calls": {k: [n, 1e3 * v] for k, (n, v) in self_s.items()},
+                }
+            )
+
+    setattr(cls, name, wrapper)
+
+
 def _transport_classes(base: type) -> list[type]:
     from vllm.distributed.async_eplb.transports import gloo_staged, ipc, p2p
 
@@ -360,6 +430,33 @@ def _summarize(out_dir: Path) -> None:
                         f"    overlapping: {iv['name']} on {iv['thread']}"
                         f" {1e3 * (iv['end'] - iv['start']):.2f} ms"
                     )
+        _print_commit_traces(data)
+
+
+def _print_commit_traces(data: dict[str, Any]) -> None:
+    """The slowest traced commits: their calls by self time, beside each
+    call's median self time over all traced commits of the rank."""
+    traces = data.get("commit_traces", [])
+    if not traces:
+        return
+    per_name: dict[str, list[float]] = {}
+    for trace in traces:
+        for k, (_, ms) in trace["calls"].items():
+            per_name.setdefault(k, []).append(ms)
+    median = {k: sorted(v)[len(v) // 2] for k, v in per_name.items()}
+    walls = sorted(t["wall_ms"] for t in traces)
+    print(
+        f"    traced commits x{len(traces)}: wall median {walls[len(walls) // 2]:.3f}"
+        f" max {walls[-1]:.3f} ms (profiler included)"
+    )
+    for trace in sorted(traces, key=lambda t: -t["wall_ms"])[:4]:
+        at = trace["start"]
+        steps = [s["step"] for s in data["steps"] if s["start"] <= at <= s["end"]]
+        step = steps[0] if steps else "?"
+        print(f"    traced commit at step {step}: {trace['wall_ms']:.3f} ms")
+        calls = sorted(trace["calls"].items(), key=lambda kv: -kv[1][1])[:8]
+        for k, (n, ms) in calls:
+            print(f"      {ms:7.3f} ms self x{n:<3d} (median {median[k]:.3f})  {k}")
 
 
 def _configure_rank() -> None:
@@ -403,7 +500,7 @@ def main() -> int:
         return 2
     os.environ[_OUT_ENV] = str(out_dir)
     os.environ[_SLOW_ENV] = str(slow_ms)
-    flags = ("timers-only", "plain")
+    flags = ("timers-only", "plain", "trace-commits")
     os.environ[_MODE_ENV] = ",".join(m for m in flags if f"--{m}" in own)
     for flag, env in (
         ("--switch-interval-ms", _SWITCH_ENV),
