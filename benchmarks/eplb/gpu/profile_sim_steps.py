@@ -26,7 +26,8 @@ and in every rank process:
   the timers, every call the main thread makes inside a commit
   (``RoundDriver._commit_ready``, through ``sys.setprofile``: C calls
   included), so the summary names what a slow commit spends its time in
-  (each call's self time, the profiler's own cost spread over all of them).
+  (each call's self time, the profiler's own cost spread over all of them);
+  ``--trace-steps`` does the same for the whole step (``EplbState._step``).
 
 ``--switch-interval-ms X`` sets Python's GIL switch interval in the ranks.
 ``--gpu-forward-ms X`` makes each decode step a decode-sized stand-in: after
@@ -157,7 +158,7 @@ def _install(recorder: _Recorder) -> None:
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("is_profile") or (len(args) > 1 and args[1]):
             return original_step(self, *args, **kwargs)
-        quiet = recorder.modes & {"timers-only", "plain", "trace-commits"}
+        quiet = recorder.modes - {"switch"}  # any mode: no cProfile
         profile = None if quiet else cProfile.Profile()
         recorder.parts = {}
         switches0 = _thread_switches()
@@ -210,7 +211,7 @@ def _install(recorder: _Recorder) -> None:
 
     import importlib
 
-    tracing = "trace-commits" in recorder.modes  # the traces replace the timers
+    tracing = bool(recorder.modes & {"trace-commits", "trace-steps"})  # no timers
     if "plain" not in recorder.modes and not tracing:
         for module, cls_name, name in _PARTS:
             cls = getattr(importlib.import_module(f"{_PKG}.{module}"), cls_name)
@@ -226,10 +227,12 @@ def _install(recorder: _Recorder) -> None:
         timed(plan_thread, "compute_plans")  # what the planner thread runs
         timed(plan_thread.PlannerThread, "_pause")  # parked while a step runs
         _log_gc(recorder)
-        if tracing:
+        if "trace-commits" in recorder.modes:
             from vllm.distributed.async_eplb import round_driver
 
             _trace_calls(recorder, round_driver.RoundDriver, "_commit_ready")
+        if "trace-steps" in recorder.modes:
+            _trace_calls(recorder, eplb_state.EplbState, "_step")
         for sub in _transport_classes(Transport):
             for name in ("prepare_job", "stage_layer"):
                 if name in vars(sub):
@@ -434,8 +437,8 @@ def _summarize(out_dir: Path) -> None:
 
 
 def _print_commit_traces(data: dict[str, Any]) -> None:
-    """The slowest traced commits: their calls by self time, beside each
-    call's median self time over all traced commits of the rank."""
+    """The slowest traced calls (commits or steps): their calls by self time,
+    beside each call's median self time over all traced calls of the rank."""
     traces = data.get("commit_traces", [])
     if not traces:
         return
@@ -446,14 +449,14 @@ def _print_commit_traces(data: dict[str, Any]) -> None:
     median = {k: sorted(v)[len(v) // 2] for k, v in per_name.items()}
     walls = sorted(t["wall_ms"] for t in traces)
     print(
-        f"    traced commits x{len(traces)}: wall median {walls[len(walls) // 2]:.3f}"
+        f"    traced calls x{len(traces)}: wall median {walls[len(walls) // 2]:.3f}"
         f" max {walls[-1]:.3f} ms (profiler included)"
     )
-    for trace in sorted(traces, key=lambda t: -t["wall_ms"])[:4]:
+    for trace in sorted(traces, key=lambda t: -t["wall_ms"])[:6]:
         at = trace["start"]
         steps = [s["step"] for s in data["steps"] if s["start"] <= at <= s["end"]]
         step = steps[0] if steps else "?"
-        print(f"    traced commit at step {step}: {trace['wall_ms']:.3f} ms")
+        print(f"    traced call at step {step}: {trace['wall_ms']:.3f} ms")
         calls = sorted(trace["calls"].items(), key=lambda kv: -kv[1][1])[:8]
         for k, (n, ms) in calls:
             print(f"      {ms:7.3f} ms self x{n:<3d} (median {median[k]:.3f})  {k}")
@@ -500,7 +503,7 @@ def main() -> int:
         return 2
     os.environ[_OUT_ENV] = str(out_dir)
     os.environ[_SLOW_ENV] = str(slow_ms)
-    flags = ("timers-only", "plain", "trace-commits")
+    flags = ("timers-only", "plain", "trace-commits", "trace-steps")
     os.environ[_MODE_ENV] = ",".join(m for m in flags if f"--{m}" in own)
     for flag, env in (
         ("--switch-interval-ms", _SWITCH_ENV),
