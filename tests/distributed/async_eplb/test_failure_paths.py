@@ -95,6 +95,12 @@ def records():
 
 @pytest.fixture
 def state(one_rank_world):
+    state = _one_rank_state(step_interval=4)
+    yield state
+    state.shutdown(timeout=1.0)
+
+
+def _one_rank_state(step_interval: int):
     from fake_vllm import model_config, parallel_config
 
     from vllm.distributed.async_eplb.config import AsyncEplbConfig
@@ -102,7 +108,7 @@ def state(one_rank_world):
     from vllm.distributed.async_eplb.simulation.toy_moe import ToyMoE
 
     state = EplbState(
-        parallel_config(num_redundant_experts=REDUNDANT, step_interval=4),
+        parallel_config(num_redundant_experts=REDUNDANT, step_interval=step_interval),
         "cpu",
         ep_group=EpGroupInfo.whole_world(),
         config=AsyncEplbConfig(min_gain=0.0, vote_delay=1, timeout_s=TIMEOUT_S),
@@ -111,8 +117,7 @@ def state(one_rank_world):
     state.add_model(model, model_config())
     state.step(is_dummy=True, is_profile=True)  # compiles the policy, as vLLM's
     state.start_async_loop()
-    yield state
-    state.shutdown(timeout=1.0)
+    return state
 
 
 def _step(state, pause: float = 0.0) -> float:
@@ -310,3 +315,45 @@ def test_no_ready_vote_is_launched_in_the_step_that_read_the_load_vote(
     assert len(read_steps) >= 3 and ready_steps, (read_steps, launched)
     assert not ready_steps & set(read_steps), (read_steps, sorted(ready_steps))
     assert state.counters.rebalances + state.counters.skips >= 2
+
+
+def test_the_step_before_a_rebalance_prefolds_the_window(
+    one_rank_world, monkeypatch
+) -> None:
+    """The window is summed in the step before a rebalance's (but for the step
+    that one records), so the rebalance's step folds a single step; never in
+    a step that ended a round (it has a commit already)."""
+    from vllm.distributed.async_eplb.load_stats import LoadWindow
+
+    state = _one_rank_state(step_interval=24)
+    calls: list[tuple[str, int, bool]] = []  # (what, step, prefold used)
+    prefold, total = LoadWindow.prefold, LoadWindow.total
+
+    def spy_prefold(window: LoadWindow) -> None:
+        calls.append(("prefold", state.step_count, False))
+        prefold(window)
+
+    def spy_total(window: LoadWindow):
+        pre = window._prefolded
+        used = pre is not None and pre[0] + 1 == window.num_recorded
+        calls.append(("total", state.step_count, used))
+        return total(window)
+
+    monkeypatch.setattr(LoadWindow, "prefold", spy_prefold)
+    monkeypatch.setattr(LoadWindow, "total", spy_total)
+    c = state.counters
+    ended_steps = []
+    try:
+        for _ in range(80):
+            ended = c.rebalances + c.skips + c.aborts
+            _step(state, pause=0.01)
+            if c.rebalances + c.skips + c.aborts > ended:
+                ended_steps.append(state.step_count)
+    finally:
+        state.shutdown(timeout=1.0)
+    totals = [(step, used) for what, step, used in calls if what == "total"]
+    prefolds = [step for what, step, _ in calls if what == "prefold"]
+    assert len(totals) >= 3 and c.rebalances >= 1, (calls, ended_steps)
+    assert all(used for _, used in totals), totals
+    assert prefolds == [step - 1 for step, _ in totals], (prefolds, totals)
+    assert not set(prefolds) & set(ended_steps)

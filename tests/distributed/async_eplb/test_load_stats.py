@@ -255,12 +255,19 @@ def test_total_is_three_device_ops_whatever_the_versions(versions: int) -> None:
     _assert_matches_reference(window, history)
 
 
-def test_placement_changed_is_one_device_op_and_checks_the_shape() -> None:
-    window = LoadWindow(4, torch.tensor([[0, 1, 1]]), num_logical_experts=2)
-    assert (
-        len(_device_ops(lambda: window.placement_changed(torch.tensor([[1, 0, 1]]))))
-        == 1
-    )
+def test_placement_changed_is_no_device_op_the_next_record_snapshots_it() -> None:
+    """A commit step only notes the new map; the next step's record takes
+    its snapshot, so later in-place changes of the map do not reach it."""
+    phy2log = torch.tensor([[0, 1, 1]])
+    window = LoadWindow(4, phy2log.clone(), num_logical_experts=2)
+    phy2log[0] = torch.tensor([1, 0, 1])  # a commit, in place
+    assert _device_ops(lambda: window.placement_changed(phy2log)) == []
+    load = torch.tensor([[5, 7, 11]])
+    assert len(_device_ops(lambda: window.record(load))) == 2
+    assert len(_device_ops(lambda: window.record(load))) == 1
+    phy2log[0] = torch.tensor([0, 0, 0])  # a later change, not announced yet
+    # both steps ran under [1, 0, 1]: expert 0 got slot 1, expert 1 slots 0, 2
+    assert window.total().tolist() == [[2 * 7, 2 * (5 + 11)]]
     with pytest.raises(ValueError, match=r"phy2log of shape \(1, 4\)"):
         window.placement_changed(torch.tensor([[0, 1, 1, 0]]))
 
@@ -290,5 +297,62 @@ def test_start_up_launches_the_folds_ops_and_both_cat_paths() -> None:
     used = set(_device_ops(window.total))
     window, _ = _run_window(0, 4, commits_before=[], steps=4)
     used |= set(_device_ops(window.total))
+    window, _ = _run_window(0, 4, commits_before=[2], steps=6)
+    used |= set(_device_ops(window.prefold))  # wraps: a cat of the ring's ends
     assert used <= seen.ops
     assert seen.cat_inputs_contiguous == {True, False}
+
+
+def _prefolded_window(
+    size: int, steps: int, commits_before: list[int], records_after: int
+) -> tuple[LoadWindow, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The window of ``_run_window`` prefolded ``records_after`` steps before
+    its end (a run's history is a prefix of a longer run's, same seed)."""
+    window, _ = _run_window(0, size, commits_before, steps - records_after)
+    window.prefold()
+    _, history = _run_window(0, size, commits_before, steps)
+    for step in range(steps - records_after, steps):
+        load, placement = history[step]
+        if step in commits_before:
+            window.placement_changed(placement)
+        window.record(load)
+    return window, history
+
+
+def _reference(window: LoadWindow, history: list) -> np.ndarray:
+    return _reference_total(history, window.window_size, window.num_logical_experts)
+
+
+@pytest.mark.parametrize(
+    ("size", "steps", "commits_before"),
+    [
+        (12, 12, [3, 5, 9]),  # full, the oldest slot is slot 0
+        (12, 29, [14, 20, 27]),  # wrapped: the kept slots cross the ring's end
+        (12, 5, [2]),  # not full: unwritten slots are kept too
+        (12, 29, [28]),  # a commit between the prefold and the last record
+        (12, 29, []),  # one placement
+        (1, 7, [3, 6]),  # nothing kept
+        (2, 9, [8]),
+    ],
+)
+def test_prefold_then_one_record_is_the_whole_window_in_one_op(
+    size: int, steps: int, commits_before: list[int]
+) -> None:
+    window, history = _prefolded_window(size, steps, commits_before, 1)
+    totals: list[torch.Tensor] = []
+    assert _device_ops(lambda: totals.append(window.total())) == [
+        "aten.scatter_add_.default"
+    ]
+    np.testing.assert_array_equal(totals[0].numpy(), _reference(window, history))
+    # used once: the next total folds the whole window again, same result
+    assert len(_device_ops(window.total)) == 3
+    _assert_matches_reference(window, history)
+
+
+@pytest.mark.parametrize("records_after", [0, 2, 3])
+def test_a_prefold_not_followed_by_exactly_one_record_is_not_used(
+    records_after: int,
+) -> None:
+    window, history = _prefolded_window(12, 29, [14, 20, 27], records_after)
+    assert len(_device_ops(window.total)) == 3
+    _assert_matches_reference(window, history)

@@ -326,9 +326,19 @@ class EplbState:
             # A round that ends here (its last commit) leaves the next round's
             # window sum to the next step: the two never share one.
             ended_now = in_flight and not self._round.in_flight
-        due = self.expert_rearrangement_step >= self.expert_rearrangement_step_interval
-        if due and not ended_now:
+        interval = self.expert_rearrangement_step_interval
+        if self.expert_rearrangement_step >= interval and not ended_now:
             self._interval_due()
+        elif (
+            self.expert_rearrangement_step + 1 == interval
+            and not ended_now
+            and self._round.state is RoundState.IDLE
+        ):
+            # The next step begins a rebalance: sum its window now, but for the
+            # step it records, so that its sum is one op (the window sum was
+            # the heaviest part of a rebalance's first step on the H200s).
+            for state in self.model_states.values():
+                state.window.prefold()
         if driver is None:
             return  # no model yet
         if self.is_async:
