@@ -490,11 +490,13 @@ class StagingWorker:
                 f"layer {layer}'s maps were prepared for the maps of its job, "
                 "not for the maps given"
             )
-        self.backend.wait_event(staged.event)
+        backend = self.backend
+        stream = backend.current_stream()  # looked up once: host time counts here
+        backend.wait_event(staged.event, stream)
         if new_row is None:
             torch._foreach_copy_(staged.map_rows, staged.map_values, non_blocking=True)
         copy_rows(staged.dst, staged.src)
-        self.backend.record_event(staged.released)
+        backend.record_event(staged.released, stream)
         with self._cond:
             del job.staged[layer]
             job.committed += 1
