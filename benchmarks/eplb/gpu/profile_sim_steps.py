@@ -30,6 +30,8 @@ and in every rank process:
   ``--trace-steps`` does the same for the whole step (``EplbState._step``).
 
 ``--switch-interval-ms X`` sets Python's GIL switch interval in the ranks.
+``--slow-copy-ms X`` prints every main-thread ``torch._foreach_copy_`` slower
+than X ms with its tensors' shapes, dtypes and alignments.
 ``--gpu-forward-ms X`` makes each decode step a decode-sized stand-in: after
 the toy forward, the device is kept busy for X ms and the main thread waits
 for it (GIL released), as a model runner waits for a GPU-bound forward.
@@ -64,6 +66,7 @@ _SLOW_ENV = "EPLB_PROFILE_SLOW_MS"
 _MODE_ENV = "EPLB_PROFILE_MODE"  # comma-separated flags: timers-only, plain
 _SWITCH_ENV = "EPLB_PROFILE_SWITCH_MS"
 _FORWARD_ENV = "EPLB_PROFILE_GPU_FORWARD_MS"
+_COPIES_ENV = "EPLB_PROFILE_SLOW_COPY_MS"
 # Main-thread parts of a step, timed per step: (module, class, method).
 _PARTS = [
     ("round_driver", "RoundDriver", "collect"),
@@ -151,7 +154,7 @@ def _install(recorder: _Recorder) -> None:
     from vllm.distributed.async_eplb import eplb_state, plan_thread, worker
     from vllm.distributed.async_eplb.transports import Transport
 
-    step_index = [0]
+    step_index = _STEP_INDEX
     original_step = eplb_state.EplbState.step
 
     @functools.wraps(original_step)
@@ -251,6 +254,7 @@ def _install(recorder: _Recorder) -> None:
 
 
 _PKG = "vllm.distributed.async_eplb"
+_STEP_INDEX = [0]  # the rank's next step (not counting the profile run's)
 
 
 def _thread_switches() -> tuple[int, int]:
@@ -477,6 +481,44 @@ def _configure_rank() -> None:
             return original(self, *args, **kwargs)
 
         eplb_state.EplbState.add_model = add_model  # type: ignore[method-assign]
+    if os.environ.get(_COPIES_ENV):
+        _log_slow_copies(float(os.environ[_COPIES_ENV]))
+
+
+def _log_slow_copies(slow_ms: float) -> None:
+    """Print each main-thread ``torch._foreach_copy_`` slower than ``slow_ms``
+    (a commit makes two: the map rows, the weight runs), with what it copied:
+    shapes, dtypes, and each address modulo 16."""
+    import torch
+
+    original = torch._foreach_copy_
+
+    @functools.wraps(original)
+    def foreach_copy(dst: Any, src: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return original(dst, src, **kwargs)
+        start = time.perf_counter()
+        try:
+            return original(dst, src, **kwargs)
+        finally:
+            ms = 1e3 * (time.perf_counter() - start)
+            if ms > slow_ms:
+                what = [
+                    (
+                        tuple(d.shape),
+                        str(d.dtype)[6:],
+                        d.data_ptr() % 16,
+                        s.data_ptr() % 16,
+                    )
+                    for d, s in zip(dst, src, strict=True)
+                ]
+                print(
+                    f"slow copy pid {os.getpid()} step {_STEP_INDEX[0]}:"
+                    f" {ms:.3f} ms {what}",
+                    file=sys.stderr,
+                )
+
+    torch._foreach_copy_ = foreach_copy
 
 
 def _recorder_from_env() -> _Recorder:
@@ -508,6 +550,7 @@ def main() -> int:
     for flag, env in (
         ("--switch-interval-ms", _SWITCH_ENV),
         ("--gpu-forward-ms", _FORWARD_ENV),
+        ("--slow-copy-ms", _COPIES_ENV),
     ):
         if flag in own:
             os.environ[env] = own[own.index(flag) + 1]

@@ -4,7 +4,8 @@
 #   cd .snap13e && PLAN="gput gpux gpux gpux dsx gpu gpu" bash benchmarks/eplb/gpu/results/device_x2_issue13e_run.sh
 # PLAN lists the runs in order: dep / gpu (deployment / decode-sized stand-in with a 30 ms GPU-bound
 # forward, plain), dept / gput (timers-only), depx / gpux / dsx (--trace-commits; dsx on
-# --preset deepseek-v3), deps / gpus (--trace-steps), ds (--preset deepseek-v3, plain). GPUTESTS=1 adds pytest -m gpu.
+# --preset deepseek-v3), deps / gpus (--trace-steps), ds (--preset deepseek-v3, plain).
+# COPYLOG=X logs the main thread's torch._foreach_copy_ calls slower than X ms. GPUTESTS=1 adds pytest -m gpu.
 export PYTHONPATH=$PWD OMP_NUM_THREADS=8 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 R=$OUT/r; mkdir -p $R; LOG=$OUT/log.txt
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; python -c "import torch,sys;print('torch',torch.__version__,'python',sys.version.split()[0])"; nproc; } 2>&1 | tee -a $LOG
@@ -27,7 +28,7 @@ for kind in $PLAN; do
   case $kind in ds|dsx) ;; *) preset=();; esac
   d=$R/$i-$kind
   echo "== run $i: $kind $(date -u +%T)" | tee -a $LOG
-  python $P $mode "${sim[@]}" --out-dir $d -- --device cuda --ranks 2 "${preset[@]}" --no-progress --out $d/sim 2>&1 | tee -a $LOG
+  python $P $mode "${sim[@]}" ${COPYLOG:+--slow-copy-ms $COPYLOG} --out-dir $d -- --device cuda --ranks 2 "${preset[@]}" --no-progress --out $d/sim 2>&1 | tee -a $LOG
 done
 if [ -n "$GPUTESTS" ]; then
   echo "== gpu tests $(date -u +%T)" | tee -a $LOG
