@@ -32,6 +32,8 @@ from vllm.distributed.async_eplb.worker import (
     StagingError,
     StagingThread,
     StagingWorker,
+    by_dtype,
+    copy_rows,
 )
 
 CPU = DeviceBackend.for_device("cpu")
@@ -422,3 +424,32 @@ def test_status_is_one_immutable_snapshot_taken_under_the_lock() -> None:
         assert len(final.layer_seconds) == 2
     finally:
         world.stop()
+
+
+def test_commit_copies_are_grouped_by_dtype_one_call_each(monkeypatch) -> None:
+    """A quantized layer's runs mix dtypes (weights, scales): each
+    ``_foreach_copy_`` gets one dtype, so on a GPU each is one fused kernel
+    (mixed, torch falls back to a copy per tensor)."""
+    runs = [
+        (torch.zeros(2, 3), torch.ones(2, 3)),
+        (torch.zeros(4, dtype=torch.uint8), torch.full((4,), 7, dtype=torch.uint8)),
+        (torch.zeros(1, 3), torch.full((1, 3), 2.0)),
+        (torch.zeros(2, dtype=torch.uint8), torch.full((2,), 9, dtype=torch.uint8)),
+    ]
+    dst, src = by_dtype([d for d, _ in runs], [s for _, s in runs])
+    dtypes = [[t.dtype for t in group] for group in dst]
+    assert dtypes == [[torch.float32] * 2, [torch.uint8] * 2]
+    assert dst[0][1] is runs[2][0] and src[1][1] is runs[3][1]  # order kept
+    calls: list[set[torch.dtype]] = []
+    original = torch._foreach_copy_
+
+    def spy(dsts, srcs, **kwargs):
+        calls.append({t.dtype for t in [*dsts, *srcs]})
+        return original(dsts, srcs, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_copy_", spy)
+    copy_rows(dst, src)
+    assert calls == [{torch.float32}, {torch.uint8}]
+    for d, s in runs:
+        assert torch.equal(d, s)
+    assert by_dtype([], []) == ([], [])

@@ -109,15 +109,38 @@ class _StagedLayer:
     prepared: LayerMaps | None
     map_rows: list[torch.Tensor]  # the maps' rows of the layer (if prepared)
     map_values: list[torch.Tensor]  # the prepared rows they are set to
-    dst: list[torch.Tensor]  # workspace slices of the changed slots' runs
-    src: list[torch.Tensor]  # the staging buffer's slices they are copied from
+    # per dtype: workspace slices of the changed slots' runs, and the staging
+    # buffer's slices they are copied from
+    dst: list[list[torch.Tensor]]
+    src: list[list[torch.Tensor]]
     released: object  # recorded after the commit's copies
 
 
-def copy_rows(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
-    """``dst[i] = src[i]`` on the current stream, launched in one call."""
-    if dst:  # a rank may keep every slot of a layer
-        torch._foreach_copy_(dst, src, non_blocking=True)
+def copy_rows(
+    dst: Sequence[Sequence[torch.Tensor]], src: Sequence[Sequence[torch.Tensor]]
+) -> None:
+    """``dst[g][i] = src[g][i]`` on the current stream, one call per group.
+
+    Each group shares one dtype (``by_dtype``), so each call is one fused
+    kernel: ``torch._foreach_copy_`` on mixed dtypes falls back to a copy per
+    tensor (a quantized layer's weights and scales: 0.7-0.9 ms of host time
+    for 3 runs of 3 tensors on the H200s).
+    """
+    for group_dst, group_src in zip(dst, src, strict=True):
+        torch._foreach_copy_(group_dst, group_src, non_blocking=True)
+
+
+def by_dtype(
+    dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]
+) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """The pairs ``(dst[i], src[i])`` grouped by ``dst[i]``'s dtype, in order
+    within each group (``copy_rows``' groups); no group is empty."""
+    groups: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for d, s in zip(dst, src, strict=True):
+        group = groups.setdefault(d.dtype, ([], []))
+        group[0].append(d)
+        group[1].append(s)
+    return [g[0] for g in groups.values()], [g[1] for g in groups.values()]
 
 
 def _load_copy_kernels(weights: Sequence[torch.Tensor]) -> None:
@@ -130,7 +153,7 @@ def _load_copy_kernels(weights: Sequence[torch.Tensor]) -> None:
     """
     for dtype in {t.dtype for t in weights} | {torch.int64}:
         scratch = torch.zeros(2, dtype=dtype, device=weights[0].device)
-        copy_rows([scratch[:1]], [scratch[1:]])
+        copy_rows([[scratch[:1]]], [[scratch[1:]]])
 
 
 @dataclass
@@ -618,7 +641,6 @@ class StagingWorker:
             prepared,
             map_rows,
             map_values,
-            dst,
-            src,
+            *by_dtype(dst, src),
             backend.new_event(),
         )
