@@ -123,8 +123,8 @@ def copy_rows(
 
     Each group shares one dtype (``by_dtype``), so each call is one fused
     kernel: ``torch._foreach_copy_`` on mixed dtypes falls back to a copy per
-    tensor (a quantized layer's weights and scales: 0.7-0.9 ms of host time
-    for 3 runs of 3 tensors on the H200s).
+    tensor (a quantized layer's int8 weights and uint8 scales, 31-32 runs of
+    changed slots: 0.67-0.90 ms of host time on the H200s).
     """
     for group_dst, group_src in zip(dst, src, strict=True):
         torch._foreach_copy_(group_dst, group_src, non_blocking=True)
