@@ -290,20 +290,17 @@ class LoadWindow:
         placement folds them to zero).
         """
         runs: list[list[int]] = []  # [version, length]
-        unwritten = 0
+        unwritten = 0  # before the first written slot (prefold's ring order)
         if slots is None:
             slots = range(self.window_size)
         for version, group in groupby(self._version_of_step[i] for i in slots):
             length = len(list(group))
-            if version == -1:
-                if runs:
-                    runs[-1][1] += length
-                else:
-                    unwritten = length
-            elif runs and runs[-1][0] == version:
+            if version != -1:
+                runs.append([version, length])
+            elif runs:
                 runs[-1][1] += length
             else:
-                runs.append([version, length])
+                unwritten = length
         if runs:
             runs[0][1] += unwritten
         return [(self._placements[v], n) for v, n in runs]
