@@ -174,7 +174,7 @@ def _assert_matches_reference(
 def test_fold_with_several_commits_inside_the_window(seed: int) -> None:
     # full window of 12, not wrapped: 4 versions in slot order
     window, history = _run_window(seed, 12, commits_before=[3, 5, 9], steps=12)
-    assert len(window._runs()) == 4
+    assert len(window._runs(range(window.window_size))) == 4
     _assert_matches_reference(window, history)
 
 
@@ -184,7 +184,7 @@ def test_fold_of_a_wrapped_window_whose_run_crosses_the_wrap(seed: int) -> None:
     # 1): B's steps are two runs, split by the wrap, around A's slot 2
     window, history = _run_window(seed, 5, commits_before=[3], steps=7)
     assert window._version_of_step == [1, 1, 0, 1, 1]
-    assert [n for _, n in window._runs()] == [2, 1, 2]
+    assert [n for _, n in window._runs(range(window.window_size))] == [2, 1, 2]
     _assert_matches_reference(window, history)
 
 
@@ -193,14 +193,14 @@ def test_fold_with_never_written_slots_beside_written_ones(seed: int) -> None:
     # 6 of 10 slots written under 3 versions; slots 6-9 never written
     window, history = _run_window(seed, 10, commits_before=[2, 4], steps=6)
     assert window._version_of_step.count(-1) == 4
-    assert sum(n for _, n in window._runs()) == 10
+    assert sum(n for _, n in window._runs(range(window.window_size))) == 10
     _assert_matches_reference(window, history)
 
 
 @pytest.mark.parametrize("steps", [1, 5, 8, 19])  # part-filled, full, wrapped
 def test_fold_under_one_version_only(steps: int) -> None:
     window, history = _run_window(steps, 8, commits_before=[], steps=steps)
-    assert len(window._runs()) == 1
+    assert len(window._runs(range(window.window_size))) == 1
     _assert_matches_reference(window, history)
 
 
@@ -238,7 +238,7 @@ def _device_ops(fn) -> list[str]:
 def test_total_is_three_device_ops_whatever_the_versions(versions: int) -> None:
     commits = [3 * k for k in range(1, versions)]
     window, history = _run_window(0, 16, commits_before=commits, steps=16)
-    assert len(window._runs()) == versions
+    assert len(window._runs(range(window.window_size))) == versions
     ops = _device_ops(window.total)
     if versions == 1:
         assert ops == [

@@ -327,11 +327,12 @@ class EplbState:
             # window sum to the next step: the two never share one.
             ended_now = in_flight and not self._round.in_flight
         interval = self.expert_rearrangement_step_interval
-        if self.expert_rearrangement_step >= interval and not ended_now:
+        if ended_now:
+            pass  # neither a rebalance nor its window sum in a commit's step
+        elif self.expert_rearrangement_step >= interval:
             self._interval_due()
         elif (
             self.expert_rearrangement_step + 1 == interval
-            and not ended_now
             and self._round.state is RoundState.IDLE
         ):
             # The next step begins a rebalance: sum its window now, but for the

@@ -279,20 +279,15 @@ class LoadWindow:
             return self._steps[start:end]
         return torch.cat([self._steps[start:], self._steps[: end - self.window_size]])
 
-    def _runs(
-        self, slots: Sequence[int] | None = None
-    ) -> list[tuple[torch.Tensor, int]]:
+    def _runs(self, slots: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
         """``(flat index, length)`` of each run of consecutive ``slots`` (in
-        the order given; default: every slot in ring storage order) recorded
-        under one version; none if none is written.
+        the order given) recorded under one version; none if none is written.
 
         Never-written slots hold zeros: they join a neighbouring run (any
         placement folds them to zero).
         """
         runs: list[list[int]] = []  # [version, length]
         unwritten = 0  # before the first written slot (prefold's ring order)
-        if slots is None:
-            slots = range(self.window_size)
         for version, group in groupby(self._version_of_step[i] for i in slots):
             length = len(list(group))
             if version != -1:
